@@ -1,0 +1,1 @@
+"""The network, the losses and code packing: pure torch/numpy, no Ray."""

@@ -1,0 +1,1 @@
+"""The batch stages of hashray (ingest, preprocess, train, encode, evaluate) and the CLI."""

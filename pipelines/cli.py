@@ -1,0 +1,79 @@
+"""The ``hashray`` command: one sub-command per stage.
+
+Each stage module exposes ``add_parser(subparsers)``, which adds its
+sub-command and sets ``handler`` to a function of the parsed arguments. User
+errors (``HashrayError``) become one line on stderr and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from models.errors import HashrayError
+
+# Sub-command modules, in the order --help lists them.
+STAGE_MODULES = (
+    "pipelines.ingest",
+    "pipelines.train",
+    "pipelines.encode",
+    "pipelines.evaluate",
+    "serve.app",
+    "pipelines.demo",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hashray",
+        description="Deep-hashing retrieval for multi-label images on Ray: "
+        "ingest -> train -> encode -> evaluate -> serve.",
+    )
+    parser.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module_name in STAGE_MODULES:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as error:
+            if error.name == module_name:  # stage not built yet
+                continue
+            raise
+        module.add_parser(subparsers)
+    return parser
+
+
+def user_error(error: BaseException) -> HashrayError | None:
+    """The HashrayError behind ``error``, also when Ray wrapped it in its own exception."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        if isinstance(current, HashrayError):
+            return current
+        seen.add(id(current))
+        cause = getattr(current, "cause", None)  # RayTaskError keeps the original here
+        current = cause if isinstance(cause, BaseException) else (current.__cause__ or current.__context__)
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pipelines.runtime import setup_logging
+
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    try:
+        return int(args.handler(args) or 0)
+    except KeyboardInterrupt:
+        print("hashray: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:
+        cause = user_error(error)
+        if cause is None:
+            raise
+        message = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        print(f"hashray {args.command}: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
