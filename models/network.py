@@ -121,13 +121,20 @@ def _backbone_state(arch: str, state: Any, path: Path) -> dict[str, torch.Tensor
     """Keep the backbone entries of a ResNet state_dict and check they match ``arch``."""
     if not isinstance(state, dict):
         raise HashrayError(f"{path}: expected a ResNet state_dict, found a {type(state).__name__}")
+    if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise HashrayError(f"{path}: expected a ResNet state_dict (parameter names -> tensors), found other entries")
     # Accept a bare ResNet state_dict or one saved from ResNetHash ("backbone." prefix).
     state = {k.removeprefix("backbone."): v for k, v in state.items() if not k.startswith("hash_layer.")}
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
     expected = {k: v.shape for k, v in getattr(torchvision.models, arch)(weights=None).state_dict().items() if not k.startswith("fc.")}
     missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))  # e.g. a deeper ResNet's extra blocks
     mismatched = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k])]
-    if missing or mismatched:
-        detail = f"missing {missing[:3]}" if missing else f"wrong shape for {mismatched[:3]}"
+    if missing or unexpected or mismatched:
+        detail = (
+            f"missing {missing[:3]}" if missing
+            else f"unexpected {unexpected[:3]}" if unexpected
+            else f"wrong shape for {mismatched[:3]}"
+        )
         raise HashrayError(f"{path} is not a {arch} state_dict: {detail}")
     return {k: state[k] for k in expected}

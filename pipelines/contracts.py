@@ -154,12 +154,16 @@ def multi_hot(labels: list[np.ndarray] | np.ndarray, num_classes: int) -> np.nda
 # ---------------------------------------------------------------- codes dir
 
 
-def write_manifest(codes_uri: str, *, bits: int, count: int, model: str, dataset: str, split: str) -> None:
-    """Write ``manifest.json`` -- always the last file of a codes dir."""
-    write_json(
-        join(codes_uri, MANIFEST_JSON),
-        {"bits": bits, "count": count, "model": model, "dataset": dataset, "split": split, "created": now_iso()},
-    )
+def write_manifest(
+    codes_uri: str, *, bits: int, count: int, model: str, dataset: str, split: str, **extra: Any
+) -> dict[str, Any]:
+    """Write ``manifest.json`` -- always the last file of a codes dir -- and return it.
+
+    ``extra`` holds provenance beyond the contract's keys (e.g. the model's checksum).
+    """
+    manifest = {**extra, "bits": bits, "count": count, "model": model, "dataset": dataset, "split": split, "created": now_iso()}
+    write_json(join(codes_uri, MANIFEST_JSON), manifest)
+    return manifest
 
 
 def read_manifest(codes_uri: str) -> dict[str, Any]:
@@ -207,12 +211,17 @@ def save_model(run_uri: str, model: ResNetHash, config: HashNetConfig) -> None:
     write_json(join(run_uri, CONFIG_JSON), config.to_dict())
 
 
-def load_model(run_uri: str, map_location: str | torch.device = "cpu") -> tuple[ResNetHash, HashNetConfig]:
-    """Load a finished run's model (eval mode) and its config."""
+def read_model_config(run_uri: str) -> HashNetConfig:
+    """A finished run's config, without loading its weights; checks that both files exist."""
     for name in (MODEL_PT, CONFIG_JSON):
         if not exists(join(run_uri, name)):
             raise HashrayError(f"{run_uri} has no {name}: is it a finished `hashray train` run dir?")
-    config = HashNetConfig.from_dict(read_json(join(run_uri, CONFIG_JSON)))
+    return HashNetConfig.from_dict(read_json(join(run_uri, CONFIG_JSON)))
+
+
+def load_model(run_uri: str, map_location: str | torch.device = "cpu") -> tuple[ResNetHash, HashNetConfig]:
+    """Load a finished run's model (eval mode) and its config."""
+    config = read_model_config(run_uri)
     state = torch.load(io.BytesIO(read_bytes(join(run_uri, MODEL_PT))), map_location=map_location, weights_only=True)
     model = ResNetHash(config.arch, config.bits)
     model.load_state_dict(state)

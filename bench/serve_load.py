@@ -1,0 +1,191 @@
+"""Load test of `hashray serve` on loopback, and the sharded index against one faiss index.
+
+Builds N random codes (default 1,000,000 x 64 bits), an untrained model and a
+small dataset dir, starts the Serve app on 127.0.0.1, and runs C concurrent
+clients for a fixed time against ``GET /search/{id}`` then ``POST /search``,
+printing QPS, p50, p99 and errors. Then it times the in-process search of the
+sharded index (per-shard faiss + exact tie handling + merge) beside a single
+faiss ``IndexBinaryFlat`` over the same codes, one query at a time as served.
+
+    python bench/serve_load.py [--codes 1000000] [--clients 8] [--seconds 15] [--shards 2]
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import faiss
+import httpx
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+import torch
+from ray import serve
+
+from models.network import HashNetConfig, ResNetHash
+from pipelines import contracts
+from pipelines.synthetic import synthetic_classes, synthetic_example
+from serve.app import ServeConfig, build_app
+from serve.index import ShardIndex, search_shards, slice_bounds
+
+INDEX_ROUNDS = 9
+TARGETS = "targets: 0 errors; GET /search/{id} p50 <= 20 ms, p99 <= 100 ms; index ratio >= 0.8"
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--codes", type=int, default=1_000_000, help="database size")
+    parser.add_argument("--bits", type=int, default=64, help="code length")
+    parser.add_argument("--shards", type=int, default=2, help="index shard replicas")
+    parser.add_argument("--clients", type=int, default=8, help="concurrent clients")
+    parser.add_argument("--seconds", type=float, default=15.0, help="load time per endpoint")
+    parser.add_argument("--k", type=int, default=10, help="results per query")
+    parser.add_argument("--index-queries", type=int, default=300, help="queries for the in-process index timing")
+    parser.add_argument("--index-threads", type=int, default=1, help="faiss threads in the in-process timing (a serving shard replica gets OMP_NUM_THREADS=1 from Ray)")
+    parser.add_argument("--image-size", type=int, default=64, help="model input size for POST /search")
+    parser.add_argument("--port", type=int, default=8321, help="loopback port")
+    parser.add_argument("--seed", type=int, default=0, help="random seed")
+    return parser.parse_args()
+
+
+def make_inputs(root: Path, args: argparse.Namespace, codes: np.ndarray) -> tuple[str, str, str, list[bytes]]:
+    """Run dir, codes dir and a small dataset dir (a few stored images, the class names)."""
+    classes = synthetic_classes(10)
+    torch.manual_seed(args.seed)
+    config = HashNetConfig(arch="resnet18", bits=args.bits, image_size=args.image_size, classes=tuple(classes), loss="cosine")
+    contracts.save_model(str(root / "run"), ResNetHash(config.arch, config.bits).eval(), config)
+
+    rng = np.random.default_rng(args.seed)
+    labels = pa.array(list(rng.integers(0, len(classes), size=(len(codes), 1))), type=pa.list_(pa.int32()))
+    table = pa.table(
+        {"id": [f"item-{i:07d}" for i in range(len(codes))], "code": pa.FixedSizeBinaryArray.from_buffers(pa.binary(args.bits // 8), len(codes), [None, pa.py_buffer(codes.tobytes())]), "labels": labels},
+        schema=contracts.codes_schema(args.bits),
+    )
+    codes_dir = root / "codes"
+    codes_dir.mkdir()
+    for part, (a, b) in enumerate(slice_bounds(len(codes), 4)):
+        pq.write_table(table.slice(a, b - a), codes_dir / f"part-{part}.parquet")
+    contracts.write_manifest(str(codes_dir), bits=args.bits, count=len(codes), model="bench", dataset="bench", split="database")
+
+    examples = [synthetic_example(i, split="database", seed=args.seed, image_size=args.image_size, num_classes=len(classes)) for i in range(16)]
+    images = [image for image, _ in examples]
+    database = pa.table(
+        {"id": [f"item-{i:07d}" for i in range(len(examples))], "image": images, "labels": [lab for _, lab in examples]},
+        schema=contracts.DATASET_SCHEMA,
+    )
+    (root / "data" / "database").mkdir(parents=True)
+    pq.write_table(database, root / "data" / "database" / "part-0.parquet")
+    contracts.write_json(
+        str(root / "data" / contracts.DATASET_JSON),
+        {"name": "bench", "classes": classes, "splits": {"database": len(examples)}, "created": contracts.now_iso()},
+    )
+    return str(root / "run"), str(codes_dir), str(root / "data"), images
+
+
+async def load(url: str, clients: int, seconds: float, request) -> tuple[list[float], int, float]:
+    """C clients in a closed loop for ``seconds``: latencies (ms) of successes, errors, wall time."""
+    latencies: list[float] = []
+    errors = 0
+
+    async def client(session: httpx.AsyncClient, rng: random.Random) -> None:
+        nonlocal errors
+        while time.perf_counter() < deadline:
+            started = time.perf_counter()
+            try:
+                response = await request(session, rng)
+                ok = response.status_code == 200
+            except httpx.HTTPError:
+                ok = False
+            if ok:
+                latencies.append((time.perf_counter() - started) * 1000)
+            else:
+                errors += 1
+
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as session:
+        await request(session, random.Random(-1))  # warm-up
+        started = time.perf_counter()
+        deadline = started + seconds
+        await asyncio.gather(*(client(session, random.Random(i)) for i in range(clients)))
+        return latencies, errors, time.perf_counter() - started
+
+
+def report(name: str, latencies: list[float], errors: int, wall: float) -> None:
+    p50, p99 = np.percentile(latencies, [50, 99]) if latencies else (float("nan"),) * 2
+    print(f"{name:<22} {len(latencies) / wall:8.1f} QPS   p50 {p50:7.1f} ms   p99 {p99:7.1f} ms   errors {errors}")
+
+
+def http_benchmark(args: argparse.Namespace, run: str, codes_dir: str, data: str, images: list[bytes]) -> None:
+    cfg = ServeConfig(
+        run=run, codes=codes_dir, data=data, shards=args.shards, port=args.port,
+        encoder_cpus=0.5, shard_cpus=0.25, ingress_cpus=0.25, app_name="hashray-bench",
+    )
+    serve.start(http_options={"host": "127.0.0.1", "port": args.port})
+    started = time.perf_counter()
+    serve.run(build_app(cfg), name=cfg.app_name, route_prefix="/")
+    print(f"app ready in {time.perf_counter() - started:.1f} s ({args.shards} shards, {args.codes} codes)")
+    url = f"http://127.0.0.1:{args.port}"
+
+    def get_by_id(session: httpx.AsyncClient, rng: random.Random):
+        return session.get(f"/search/item-{rng.randrange(args.codes):07d}", params={"k": args.k})
+
+    def post_image(session: httpx.AsyncClient, rng: random.Random):
+        return session.post("/search", params={"k": args.k}, files={"image": ("q.jpg", rng.choice(images), "image/jpeg")})
+
+    print(f"{args.clients} clients, {args.seconds:.0f} s per endpoint, k={args.k}")
+    report("GET /search/{id}", *asyncio.run(load(url, args.clients, args.seconds, get_by_id)))
+    report("POST /search", *asyncio.run(load(url, args.clients, args.seconds, post_image)))
+    serve.delete(cfg.app_name)
+
+
+def index_benchmark(args: argparse.Namespace, codes: np.ndarray) -> None:
+    """Per-query search time: our shards + merge vs one faiss IndexBinaryFlat (same thread count).
+
+    The two alternate in rounds and the median round counts, so a burst of
+    load from other processes hits both alike.
+    """
+    faiss.omp_set_num_threads(args.index_threads)
+    shards = [ShardIndex(codes[a:b], start=a) for a, b in slice_bounds(len(codes), args.shards)]
+    flat = faiss.IndexBinaryFlat(args.bits)
+    flat.add(codes)
+    queries = codes[np.random.default_rng(args.seed + 1).integers(0, len(codes), size=args.index_queries)]
+    searches = {
+        f"sharded x{args.shards} (ours)": lambda q: search_shards(shards, q, args.k),
+        "faiss IndexBinaryFlat": lambda q: flat.search(q, args.k),
+    }
+    rounds: dict[str, list[float]] = {name: [] for name in searches}
+    for chunk in np.array_split(queries, INDEX_ROUNDS):
+        for name, search in searches.items():
+            started = time.perf_counter()
+            for row in range(len(chunk)):
+                search(chunk[row : row + 1])
+            rounds[name].append((time.perf_counter() - started) / len(chunk) * 1000)
+    ours_ms, faiss_ms = (float(np.median(times)) for times in rounds.values())
+    print(f"in-process search, {len(codes)} codes, k={args.k}, one query per call, {faiss.omp_get_max_threads()} faiss threads:")
+    for name, ms in zip(searches, (ours_ms, faiss_ms)):
+        print(f"  {name:<24} {ms:7.3f} ms/query (median of {INDEX_ROUNDS} rounds)")
+    print(f"  ratio (faiss / ours)     {faiss_ms / ours_ms:7.2f}")
+
+
+def main() -> None:
+    args = parse_args()
+    codes = np.random.default_rng(args.seed).integers(0, 256, size=(args.codes, args.bits // 8), dtype=np.uint8)
+    with tempfile.TemporaryDirectory(prefix="hashray-bench-") as tmp:
+        run, codes_dir, data, images = make_inputs(Path(tmp), args, codes)
+        ray.init(include_dashboard=False, log_to_driver=False)
+        try:
+            http_benchmark(args, run, codes_dir, data, images)
+        finally:
+            serve.shutdown()
+            ray.shutdown()
+    index_benchmark(args, codes)
+    print(TARGETS)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,298 @@
+"""Bulk encoding: a dataset split -> a codes dir, as one streaming Ray Data job.
+
+read Parquet -> decode + eval transform (``pipelines.preprocess`` actors)
+-> :class:`CodeEncoder` (a stateful actor pool: the model is loaded once per
+actor, one GPU each with ``--gpu``) -> sign bits packed -> ``write_parquet``.
+Memory stays bounded by Ray Data's streaming executor whatever the split size.
+
+Completion is atomic: Parquet files first, ``manifest.json`` last. An output
+dir without a manifest is incomplete and is deleted and redone; one whose
+manifest names the same model (path and checksum), dataset and split is
+complete and is reused as is.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import posixpath
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import torch
+
+from models.codes import pack_codes
+from models.errors import HashrayError
+from pipelines import contracts
+
+logger = logging.getLogger(__name__)
+
+# Actors drop rejects here while the job runs; merged into rejects.jsonl at the end.
+REJECTS_PARTS = "_rejects"
+
+
+@dataclass(frozen=True)
+class EncodeConfig:
+    """Inputs of ``hashray encode``.
+
+    Args:
+        run: finished training run dir (``model.pt`` + ``config.json``).
+        data: dataset dir.
+        split: ``database``, ``query`` or ``train``.
+        out: codes dir to write.
+        batch_size: images per inference batch (and per decode batch); large
+            batches amortise Ray Data's per-batch cost (see bench/encode.py).
+        pool_size: encoder actors.
+        gpu: one GPU per actor, inference on CUDA.
+        cpus_per_actor: CPUs Ray reserves per encoder actor. Encoder actors,
+            decode actors and the 1-CPU Parquet read tasks must fit together,
+            or the job waits forever: the defaults (0.5 + 0.5 + 1) fit 2 CPUs.
+        threads_per_actor: torch threads per encoder actor; 0 = ceil(cpus_per_actor).
+            May exceed the reservation when decoding is light (see bench/encode.py).
+        decode_cpus: CPUs reserved per decode actor.
+        decode_workers: most decode actors (the pool grows up to this many while CPUs are free).
+        overwrite: recompute even when ``out`` already holds these codes.
+    """
+
+    run: str
+    data: str
+    split: str
+    out: str
+    batch_size: int = 256
+    pool_size: int = 1
+    gpu: bool = False
+    cpus_per_actor: float = 0.5
+    threads_per_actor: int = 0
+    decode_cpus: float = 0.5
+    decode_workers: int = 1
+    overwrite: bool = False
+
+
+# ---------------------------------------------------------------- the actor
+
+
+def label_lists(multi_hot: np.ndarray) -> pa.ListArray:
+    """(n, C) multi-hot rows -> list<int32> class indices, ascending."""
+    rows, classes = np.nonzero(np.asarray(multi_hot) > 0)
+    offsets = np.zeros(len(multi_hot) + 1, dtype=np.int32)
+    np.cumsum(np.bincount(rows, minlength=len(multi_hot)), out=offsets[1:])
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(classes.astype(np.int32)))
+
+
+def codes_table(ids: np.ndarray, packed: np.ndarray, labels: pa.ListArray) -> pa.Table:
+    """Rows of the codes-dir schema from ids, packed codes (n, bits/8) and label lists."""
+    width = packed.shape[1]
+    code = pa.FixedSizeBinaryArray.from_buffers(pa.binary(width), len(packed), [None, pa.py_buffer(np.ascontiguousarray(packed).tobytes())])
+    return pa.table({"id": pa.array(ids, pa.string()), "code": code, "labels": labels}, schema=contracts.codes_schema(width * 8))
+
+
+class CodeEncoder:
+    """Ray Data worker: preprocessed batch -> code rows; rows that failed to decode go to the rejects.
+
+    Loads the model once per actor. Callable on a plain dict of arrays
+    ``{id, image (n,3,S,S) float32, labels (n,C) multi-hot, error}`` so it is
+    testable without Ray.
+    """
+
+    def __init__(self, run_uri: str, *, rejects_uri: str, device: str = "cpu", threads: int = 1) -> None:
+        torch.set_num_threads(threads)
+        self.model, config = contracts.load_model(run_uri, map_location=device)
+        self.bits = config.bits
+        self.device = device
+        self.rejects_uri = rejects_uri
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        ok = np.asarray(batch["error"]) == ""
+        if not ok.all():
+            self._reject(batch["id"][~ok], batch["error"][~ok])
+        if not ok.any():
+            return contracts.codes_schema(self.bits).empty_table()
+        images = torch.from_numpy(np.ascontiguousarray(batch["image"][ok])).to(self.device)
+        bits = self.model.encode(images).cpu().numpy()
+        return codes_table(batch["id"][ok], pack_codes(bits), label_lists(batch["labels"][ok]))
+
+    def _reject(self, ids: np.ndarray, reasons: np.ndarray) -> None:
+        """One small file per batch with rejects (rare): works on any filesystem, no appends."""
+        lines = "".join(json.dumps({"id": str(i), "reason": str(r)}) + "\n" for i, r in zip(ids, reasons))
+        contracts.write_bytes(contracts.join(self.rejects_uri, f"{uuid.uuid4().hex}.jsonl"), lines.encode())
+
+
+# ---------------------------------------------------------------- driver
+
+
+def _canonical(uri: str) -> str:
+    """A stable name for a path or URI: absolute local path, URI without trailing slash."""
+    return uri.rstrip("/") if "://" in uri else posixpath.abspath(uri)
+
+
+def _provenance(cfg: EncodeConfig, dataset_info: dict[str, Any]) -> dict[str, Any]:
+    """What makes two codes dirs interchangeable: same model bytes, same dataset, same split."""
+    model_bytes = contracts.read_bytes(contracts.join(cfg.run, contracts.MODEL_PT))
+    return {
+        "model": _canonical(cfg.run),
+        "model_sha256": hashlib.sha256(model_bytes).hexdigest(),
+        "dataset": _canonical(cfg.data),
+        "dataset_created": dataset_info.get("created"),
+        "split": cfg.split,
+    }
+
+
+def check_compatible(model_config: Any, dataset_info: dict[str, Any], dataset_uri: str) -> None:
+    """The dataset must use the model's classes, in the same order (label i means class i).
+
+    Image sizes cannot mismatch: every image is resized to the model's
+    ``image_size`` by the same eval transform that serving uses.
+    """
+    classes = list(dataset_info.get("classes", []))
+    if classes != list(model_config.classes):
+        diff = sorted(set(classes) ^ set(model_config.classes))[:5]
+        detail = f"differing: {diff}" if diff else "same names in a different order"
+        raise HashrayError(
+            f"{dataset_uri}: its {len(classes)} classes differ from the model's {len(model_config.classes)} ({detail}); "
+            "encode a dataset with the classes the model was trained on"
+        )
+    if not isinstance(model_config.image_size, int) or model_config.image_size < 1:
+        raise HashrayError(f"model config image_size must be a positive integer, got {model_config.image_size!r}")
+
+
+def parquet_rows(files: list[str]) -> int:
+    """Rows in Parquet files, from their footers (no data read)."""
+    total = 0
+    for file in files:
+        filesystem, path = contracts.resolve(file)
+        with filesystem.open_input_file(path) as handle:
+            total += pq.ParquetFile(handle).metadata.num_rows
+    return total
+
+
+def _reusable(out_uri: str, provenance: dict[str, Any]) -> dict[str, Any] | None:
+    """The manifest of a complete output made from the same inputs, else None."""
+    if not contracts.exists(contracts.join(out_uri, contracts.MANIFEST_JSON)):
+        return None
+    manifest = contracts.read_manifest(out_uri)
+    if all(manifest.get(key) == value for key, value in provenance.items()):
+        return manifest
+    logger.warning("encode: %s holds codes of another model/dataset/split; replacing them", out_uri)
+    return None
+
+
+def _collect_rejects(out_uri: str) -> int:
+    """Merge the actors' reject parts into OUT/rejects.jsonl (deduplicated, by id); return the count."""
+    parts_uri = contracts.join(out_uri, REJECTS_PARTS)
+    filesystem, path = contracts.resolve(parts_uri)
+    selector = pafs.FileSelector(path, allow_not_found=True)
+    rows: dict[str, str] = {}
+    for info in filesystem.get_file_info(selector):
+        with filesystem.open_input_stream(info.path) as stream:
+            for line in stream.read().decode().splitlines():
+                rows[json.loads(line)["id"]] = line  # a retried task rewrites the same rejects
+    contracts.remove_dir(parts_uri)
+    if rows:
+        contracts.write_bytes(contracts.join(out_uri, contracts.REJECTS_JSONL), "".join(rows[i] + "\n" for i in sorted(rows)).encode())
+    return len(rows)
+
+
+def check_config(cfg: EncodeConfig) -> None:
+    """Refuse sizes Ray would only reject deep inside the job (or wait on forever)."""
+    for name in ("batch_size", "pool_size", "decode_workers"):
+        if getattr(cfg, name) < 1:
+            raise HashrayError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    if cfg.cpus_per_actor < 0 or cfg.decode_cpus < 0 or cfg.threads_per_actor < 0:
+        raise HashrayError("--cpus-per-actor, --decode-cpus and --threads-per-actor must not be negative")
+
+
+def run(cfg: EncodeConfig) -> dict[str, Any]:
+    """Encode one split; returns the codes dir's manifest."""
+    check_config(cfg)
+    model_config = contracts.read_model_config(cfg.run)
+    dataset_info = contracts.read_dataset_info(cfg.data)
+    check_compatible(model_config, dataset_info, cfg.data)
+    input_files = contracts.split_files(cfg.data, cfg.split)
+    provenance = _provenance(cfg, dataset_info)
+    reusable = None if cfg.overwrite else _reusable(cfg.out, provenance)
+    if reusable is not None:
+        logger.info("encode: %s already holds these %d codes; reusing them (--overwrite recomputes)", cfg.out, reusable["count"])
+        return reusable
+    contracts.remove_dir(cfg.out)  # an incomplete or stale output is never mixed with new files
+    rows_read = parquet_rows(input_files)
+    logger.info("encode: %d %s rows of %s with %s (%d bits)", rows_read, cfg.split, cfg.data, cfg.run, model_config.bits)
+    started = time.perf_counter()
+    _codes_dataset(cfg, model_config).write_parquet(cfg.out)
+    rejected = _collect_rejects(cfg.out)
+    written = parquet_rows(contracts.parquet_files(cfg.out))
+    if written + rejected != rows_read:
+        raise RuntimeError(f"encode lost rows: read {rows_read}, wrote {written}, rejected {rejected}")
+    elapsed = time.perf_counter() - started
+    logger.info("encode: %d codes, %d rejected, %.1f s (%.1f images/s)", written, rejected, elapsed, rows_read / max(elapsed, 1e-9))
+    return contracts.write_manifest(cfg.out, bits=model_config.bits, count=written, **provenance)
+
+
+def _codes_dataset(cfg: EncodeConfig, model_config: Any) -> Any:
+    """The lazy Ray Dataset of code rows (nothing runs until it is written)."""
+    import ray
+    import ray.data
+
+    from pipelines.preprocess import PreprocessConfig, preprocess_split
+
+    if cfg.gpu and ray.cluster_resources().get("GPU", 0) < cfg.pool_size:
+        # Not an error: an autoscaling cluster adds GPU nodes once the actors ask for them.
+        logger.warning("encode: %d GPU actors requested, the cluster has %s GPUs now", cfg.pool_size, ray.cluster_resources().get("GPU", 0))
+    preprocess = PreprocessConfig(image_size=model_config.image_size, train=False, mean=model_config.mean, std=model_config.std)
+    images = preprocess_split(
+        cfg.data, cfg.split, preprocess, len(model_config.classes), batch_size=cfg.batch_size,
+        num_cpus=cfg.decode_cpus,
+        max_workers=cfg.decode_workers,
+    )
+    # Same input order -> same files in the same order: reruns are byte-identical.
+    images.context.execution_options.preserve_order = True
+    return images.map_batches(
+        CodeEncoder,
+        fn_constructor_kwargs={
+            "run_uri": cfg.run,
+            "rejects_uri": contracts.join(cfg.out, REJECTS_PARTS),
+            "device": "cuda" if cfg.gpu else "cpu",
+            "threads": cfg.threads_per_actor or math.ceil(cfg.cpus_per_actor),
+        },
+        batch_size=cfg.batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=cfg.pool_size),
+        num_cpus=cfg.cpus_per_actor,
+        num_gpus=1 if cfg.gpu else 0,
+    )
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("encode", help="encode a dataset split into a codes dir (Ray Data actor pool)")
+    parser.add_argument("--run", required=True, help="finished training run dir (model.pt + config.json)")
+    parser.add_argument("--data", required=True, help="dataset dir (from `hashray ingest`)")
+    parser.add_argument("--split", required=True, choices=contracts.SPLITS, help="split to encode")
+    parser.add_argument("--out", required=True, help="codes dir to write (manifest.json is written last)")
+    parser.add_argument("--batch-size", type=int, default=EncodeConfig.batch_size, help="images per inference batch")
+    parser.add_argument("--pool-size", type=int, default=EncodeConfig.pool_size, help="number of encoder actors")
+    parser.add_argument("--gpu", action="store_true", help="one GPU per encoder actor")
+    parser.add_argument("--cpus-per-actor", type=float, default=EncodeConfig.cpus_per_actor, help="CPUs reserved per encoder actor (leave some for decoding)")
+    parser.add_argument("--threads-per-actor", type=int, default=EncodeConfig.threads_per_actor, help="torch threads per actor (0: ceil of --cpus-per-actor)")
+    parser.add_argument("--decode-cpus", type=float, default=EncodeConfig.decode_cpus, help="CPUs per decode actor")
+    parser.add_argument("--decode-workers", type=int, default=EncodeConfig.decode_workers, help="most decode actors")
+    parser.add_argument("--overwrite", action="store_true", help="recompute even if OUT already holds these codes")
+    parser.set_defaults(handler=_handle)
+
+
+def _handle(args: argparse.Namespace) -> int:
+    from pipelines.runtime import init_ray
+
+    init_ray(args.address)
+    # Every flag's dest is the name of a config field.
+    cfg = EncodeConfig(**{field.name: getattr(args, field.name) for field in dataclasses.fields(EncodeConfig)})
+    manifest = run(cfg)
+    print(f"{manifest['count']} codes of {manifest['bits']} bits in {cfg.out}")
+    return 0

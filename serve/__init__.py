@@ -1,0 +1,1 @@
+"""Online retrieval: index shards, Serve deployments, FastAPI ingress and web page."""

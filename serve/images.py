@@ -1,0 +1,61 @@
+"""Stored images out of the service: their bytes by id and their content type."""
+from __future__ import annotations
+
+import functools
+import io
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image, UnidentifiedImageError
+
+from pipelines import contracts
+from serve.index import IdIndex
+
+
+def content_type(data: bytes) -> str:
+    """The MIME type of stored image bytes, from their header."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return Image.MIME.get(image.format or "", "application/octet-stream")
+    except (UnidentifiedImageError, OSError):
+        return "application/octet-stream"
+
+
+class ImageStore:
+    """Stored image bytes of a dataset split by id, read one row group at a time.
+
+    Only the ids are read up front; an image read loads its row group's
+    ``image`` column, and the last ``cache_row_groups`` of those stay cached,
+    so memory stays bounded whatever the dataset size.
+    """
+
+    def __init__(self, dataset_uri: str, *, split: str = "database", cache_row_groups: int = 8) -> None:
+        self._filesystem, _ = contracts.resolve(dataset_uri)
+        self._files = [contracts.resolve(uri)[1] for uri in contracts.split_files(dataset_uri, split)]
+        ids, locations = [], []
+        for file_index, path in enumerate(self._files):
+            parquet = pq.ParquetFile(path, filesystem=self._filesystem)
+            for group in range(parquet.num_row_groups):
+                column = parquet.read_row_group(group, columns=["id"]).column("id")
+                ids.append(column)
+                rows = np.arange(len(column), dtype=np.int32)
+                locations.append(np.stack([np.full_like(rows, file_index), np.full_like(rows, group), rows], axis=1))
+        self._ids = IdIndex(pa.chunked_array([c for chunked in ids for c in chunked.chunks], type=pa.string()))
+        self._locations = np.concatenate(locations) if locations else np.zeros((0, 3), dtype=np.int32)
+        self._row_group = functools.lru_cache(maxsize=cache_row_groups)(self._read_row_group)
+
+    def __len__(self) -> int:
+        return len(self._locations)
+
+    def get(self, item_id: str) -> bytes | None:
+        """The stored bytes of ``item_id``, or None when the split has no such id."""
+        row = self._ids.find(item_id)
+        if row is None:
+            return None
+        file_index, group, offset = (int(v) for v in self._locations[row])
+        return self._row_group(file_index, group)[offset].as_py()
+
+    def _read_row_group(self, file_index: int, group: int) -> pa.Array:
+        parquet = pq.ParquetFile(self._files[file_index], filesystem=self._filesystem)
+        return parquet.read_row_group(group, columns=["image"]).column("image").combine_chunks()

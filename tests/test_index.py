@@ -1,0 +1,142 @@
+"""The shard index: exact top-k and radius search, exact merge across shards."""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from models.codes import hamming_distances, topk_by_hamming
+from models.errors import HashrayError
+from pipelines import contracts
+from serve.index import IdIndex, ShardIndex, merge_hits, read_codes_slice, search_shards, slice_bounds
+
+
+def tied_codes(rng: np.random.Generator, n: int, bytes_per_code: int, pool: int) -> np.ndarray:
+    """Codes drawn from a small pool, so many items tie at every distance."""
+    return rng.integers(0, 256, size=(pool, bytes_per_code), dtype=np.uint8)[rng.integers(0, pool, size=n)]
+
+
+def make_shards(codes: np.ndarray, count: int, tie_margin: int) -> list[ShardIndex]:
+    return [ShardIndex(codes[a:b], start=a, tie_margin=tie_margin) for a, b in slice_bounds(len(codes), count)]
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("shard_count", [1, 2, 3, 7])
+def test_topk_equals_stable_brute_force(seed: int, shard_count: int) -> None:
+    rng = np.random.default_rng(seed)
+    bytes_per_code = (1, 2, 8)[seed % 3]
+    codes = tied_codes(rng, n=int(rng.integers(40, 400)), bytes_per_code=bytes_per_code, pool=int(rng.integers(3, 60)))
+    queries = np.concatenate([codes[:3], rng.integers(0, 256, size=(3, bytes_per_code), dtype=np.uint8)])
+    distances = hamming_distances(queries, codes)
+    # tie_margin 0 takes the radius fallback whenever ties cross the k-th place;
+    # 32 mostly trusts faiss's own neighbours.
+    for tie_margin in (0, 32):
+        shards = make_shards(codes, shard_count, tie_margin)
+        for k in (1, 5, 17, 64, len(codes), len(codes) + 5):
+            for row, hits in enumerate(search_shards(shards, queries, k)):
+                expected = np.argsort(distances[row], kind="stable")[:k]
+                np.testing.assert_array_equal(hits.positions, expected)
+                np.testing.assert_array_equal(hits.distances, distances[row, expected])
+                np.testing.assert_array_equal(hits.positions, topk_by_hamming(distances[row], k))
+
+
+@pytest.mark.parametrize("shard_count", [1, 3])
+def test_radius_is_every_item_within_it_ranked(shard_count: int) -> None:
+    rng = np.random.default_rng(7)
+    codes = tied_codes(rng, n=300, bytes_per_code=2, pool=40)
+    queries = codes[:4]
+    distances = hamming_distances(queries, codes)
+    shards = make_shards(codes, shard_count, tie_margin=4)
+    for radius in (0, 3, 7, 16):
+        for k in (1, 10, 1000):
+            for row, hits in enumerate(search_shards(shards, queries, k, radius=radius)):
+                order = np.argsort(distances[row], kind="stable")
+                expected = order[distances[row, order] <= radius][:k]
+                np.testing.assert_array_equal(hits.positions, expected)
+                assert (hits.distances <= radius).all()
+
+
+def test_merge_keeps_ids_and_labels_with_their_positions() -> None:
+    codes = np.array([[0], [1], [3], [0], [7]], dtype=np.uint8)
+    ids = pa.array(["a", "b", "c", "d", "e"])
+    labels = pa.array([[0], [1], [2], [0, 1], [3]], type=pa.list_(pa.int32()))
+    shards = [
+        ShardIndex(codes[a:b], start=a, ids=ids[a:b], labels=labels[a:b]) for a, b in slice_bounds(len(codes), 2)
+    ]
+    query = np.zeros((1, 1), dtype=np.uint8)
+    merged = merge_hits([shard.search(query, 3)[0] for shard in shards], 3)
+    assert merged.ids == ["a", "d", "b"]  # distance 0, 0 (by position), then 1
+    assert merged.labels == [[0], [0, 1], [1]]
+    assert merged.distances.tolist() == [0, 0, 1]
+    assert merged.positions.tolist() == [0, 3, 1]
+
+
+def test_code_of_finds_ids_only_in_its_own_slice() -> None:
+    codes = np.arange(12, dtype=np.uint8).reshape(6, 2)
+    ids = pa.array([f"item-{i}" for i in range(6)])
+    labels = pa.array([[i] for i in range(6)], type=pa.list_(pa.int32()))
+    shard = ShardIndex(codes[3:], start=3, ids=ids[3:], labels=labels[3:])
+    np.testing.assert_array_equal(shard.code_of("item-4"), codes[4])
+    assert shard.code_of("item-1") is None
+    assert shard.code_of("nope") is None
+    with pytest.raises(HashrayError, match="shape"):
+        shard.topk(np.zeros((1, 3), dtype=np.uint8), 1)
+
+
+def test_id_index_finds_first_row_and_rejects_unknown() -> None:
+    index = IdIndex(pa.chunked_array([["m", "b", "z"], ["b", "é", "a"]]))
+    assert [index.find(i) for i in ("m", "b", "z", "é", "a")] == [0, 1, 2, 4, 5]
+    assert index.find("c") is None
+    assert index.find("zz") is None
+
+
+def test_slice_bounds_cover_every_row_once() -> None:
+    for count in (0, 1, 10, 101):
+        for shards in (1, 2, 3, 8):
+            bounds = slice_bounds(count, shards)
+            assert len(bounds) == shards
+            assert bounds[0][0] == 0 and bounds[-1][1] == count
+            assert all(b[1] == c[0] for b, c in zip(bounds, bounds[1:]))
+            sizes = [b - a for a, b in bounds]
+            assert max(sizes) - min(sizes) <= 1
+    with pytest.raises(HashrayError, match="--shards"):
+        slice_bounds(10, 0)
+
+
+def write_codes_dir(path, codes: np.ndarray, files: int) -> pa.Table:
+    """A codes dir split over ``files`` Parquet files (rows in file order)."""
+    table = pa.table(
+        {
+            "id": [f"id-{i:04d}" for i in range(len(codes))],
+            "code": pa.array([bytes(row) for row in codes], type=pa.binary(codes.shape[1])),
+            "labels": pa.array([[i % 3] for i in range(len(codes))], type=pa.list_(pa.int32())),
+        },
+        schema=contracts.codes_schema(codes.shape[1] * 8),
+    )
+    path.mkdir(parents=True, exist_ok=True)
+    for part, (a, b) in enumerate(slice_bounds(len(codes), files)):
+        pq.write_table(table.slice(a, b - a), path / f"part-{part:03d}.parquet")
+    contracts.write_manifest(str(path), bits=codes.shape[1] * 8, count=len(codes), model="m", dataset="d", split="database")
+    return table
+
+
+def test_read_codes_slice_spans_files(tmp_path) -> None:
+    codes = np.random.default_rng(0).integers(0, 256, size=(23, 2), dtype=np.uint8)
+    table = write_codes_dir(tmp_path / "codes", codes, files=4)
+    for start, stop in ((0, 23), (0, 5), (4, 17), (22, 23), (6, 6)):
+        manifest, piece = read_codes_slice(str(tmp_path / "codes"), start, stop)
+        assert manifest["bits"] == 16
+        assert piece.equals(table.slice(start, stop - start))
+    with pytest.raises(HashrayError, match="outside"):
+        read_codes_slice(str(tmp_path / "codes"), 20, 30)
+
+
+def test_read_codes_slice_rejects_incomplete_dirs(tmp_path) -> None:
+    codes = np.zeros((5, 1), dtype=np.uint8)
+    write_codes_dir(tmp_path / "codes", codes, files=1)
+    contracts.write_manifest(str(tmp_path / "codes"), bits=8, count=9, model="m", dataset="d", split="database")
+    with pytest.raises(HashrayError, match="manifest says 9"):
+        read_codes_slice(str(tmp_path / "codes"), 0, 5)
+    with pytest.raises(HashrayError, match="manifest.json"):
+        read_codes_slice(str(tmp_path / "missing"), 0, 1)

@@ -1,0 +1,112 @@
+"""Decoding guards, the Preprocessor worker on plain dicts, and the Ray Data split pipeline."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from models.errors import HashrayError
+from models.network import IMAGENET_MEAN, IMAGENET_STD
+from models.transforms import BadImage, decode_image
+from pipelines.preprocess import PreprocessConfig, Preprocessor, preprocess_split
+from pipelines.synthetic import synthetic_example
+
+
+def encoded(size: tuple[int, int], colour=(200, 30, 90), fmt: str = "PNG", mode: str = "RGB") -> bytes:
+    buffer = io.BytesIO()
+    Image.new(mode, size, colour).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def jpeg(index: int = 0) -> bytes:
+    return synthetic_example(index, split="query", seed=0, image_size=48, num_classes=5)[0]
+
+
+@pytest.mark.parametrize(
+    "data, reason",
+    [
+        (b"", "empty_file"),
+        (b"id,labels\nnot an image\n", "not_an_image"),
+        (jpeg()[: len(jpeg()) // 2], "truncated_image"),
+        (encoded((300, 200)), "too_many_pixels"),  # 60000 pixels > the limit below
+    ],
+)
+def test_decode_rejects_bad_bytes_with_a_reason(data, reason):
+    with pytest.raises(BadImage) as caught:
+        decode_image(data, max_pixels=50_000)
+    assert caught.value.reason == reason
+
+
+def test_decode_refuses_a_decompression_bomb_before_decoding():
+    bomb = encoded((20_000, 20_000), colour=0, mode="1")  # 400 megapixels in a few KB
+    assert len(bomb) < 200_000
+    with pytest.raises(BadImage) as caught:
+        decode_image(bomb)
+    assert caught.value.reason == "too_many_pixels"
+
+
+def test_decode_gives_rgb_for_any_mode():
+    image = decode_image(encoded((7, 5), colour=128, mode="L"))
+    assert (image.mode, image.size) == ("RGB", (7, 5))
+
+
+def batch(images: list[bytes], labels: list[list[int]]) -> dict[str, np.ndarray]:
+    return {
+        "id": np.array([f"row-{i}" for i in range(len(images))]),
+        "image": np.array(images, dtype=object),
+        "labels": np.array([np.array(l, dtype=np.int32) for l in labels] + [None], dtype=object)[:-1],
+    }
+
+
+def test_eval_preprocessing_normalises_and_multi_hots():
+    colour = (200, 30, 90)
+    out = Preprocessor(PreprocessConfig(image_size=16), num_classes=4)(batch([encoded((40, 30), colour), jpeg()], [[0, 3], [2]]))
+    assert out["image"].shape == (2, 3, 16, 16) and out["image"].dtype == np.float32
+    expected = (np.array(colour) / 255 - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)
+    np.testing.assert_allclose(out["image"][0].mean(axis=(1, 2)), expected, atol=1e-4)
+    np.testing.assert_array_equal(out["labels"], [[1, 0, 0, 1], [0, 0, 1, 0]])
+    assert list(out["id"]) == ["row-0", "row-1"] and list(out["error"]) == ["", ""]
+
+
+def test_a_bad_row_gets_a_zero_image_and_its_error_without_failing_the_batch():
+    out = Preprocessor(PreprocessConfig(image_size=16), num_classes=3)(batch([jpeg(), b"\x00garbage"], [[1], [2]]))
+    assert out["error"][0] == "" and "not_an_image" in out["error"][1]
+    assert not out["image"][1].any() and out["image"][0].any()
+    np.testing.assert_array_equal(out["labels"][1], [0, 0, 1])
+
+
+def test_train_augmentation_is_seeded_and_leaves_the_global_rng_alone():
+    rows = batch([jpeg(i) for i in range(6)], [[0]] * 6)
+    config = PreprocessConfig(image_size=24, train=True)
+    state = torch.get_rng_state()
+    first = Preprocessor(config, num_classes=2, seed=7)(rows)["image"]
+    again = Preprocessor(config, num_classes=2, seed=7)(rows)["image"]
+    other = Preprocessor(config, num_classes=2, seed=8)(rows)["image"]
+    assert torch.equal(state, torch.get_rng_state())
+    np.testing.assert_array_equal(first, again)
+    assert not np.array_equal(first, other)
+    evaluated = Preprocessor(PreprocessConfig(image_size=24), num_classes=2)(rows)["image"]
+    assert not np.array_equal(first, evaluated)
+
+
+def test_labels_beyond_num_classes_are_a_user_error():
+    with pytest.raises(HashrayError, match="num_classes"):
+        Preprocessor(PreprocessConfig(image_size=16), num_classes=2)(batch([jpeg()], [[0, 5]]))
+
+
+def test_preprocess_split_feeds_iter_torch_batches(tiny_dataset):
+    from pipelines.contracts import read_dataset_info
+
+    info = read_dataset_info(tiny_dataset)
+    dataset = preprocess_split(tiny_dataset, "query", PreprocessConfig(image_size=32), len(info["classes"]), batch_size=8)
+    images, labels = [], []
+    for tensors in dataset.select_columns(["image", "labels"]).iter_torch_batches(batch_size=10):
+        images.append(tensors["image"])
+        labels.append(tensors["labels"])
+    images, labels = torch.cat(images), torch.cat(labels)
+    assert images.shape == (info["splits"]["query"], 3, 32, 32) and images.dtype == torch.float32
+    assert labels.shape == (info["splits"]["query"], len(info["classes"]))
+    assert (labels.sum(dim=1) >= 1).all() and images.std() > 0.3

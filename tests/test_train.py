@@ -1,0 +1,143 @@
+"""``hashray train``: Ray Train runs on the tiny dataset, resumption, and every bad input."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+from models.errors import HashrayError
+from models.network import ResNetHash
+from pipelines import contracts
+from pipelines.cli import main
+from pipelines.train import FAULT_ENV, FAULT_MARKER, HISTORY_JSON, TrainConfig, mean_average_precision, net_config, run, validate
+
+# Small and fast: 32 px, 16 rows per step, a few validation images.
+# 2 CPUs: the workers and the preprocessing actor leave a whole CPU for Parquet reads.
+TINY = dict(arch="resnet18", bits=16, batch_size=16, image_size=32, val_queries=8, val_database=32, data_cpus=0.5)
+
+
+def _checkpoints(run_dir: str) -> list[str]:
+    return sorted(p.name for p in Path(run_dir).glob("checkpoint_*") if p.is_dir())
+
+
+@pytest.mark.heavy
+def test_one_worker_run_writes_the_model_and_a_rerun_resumes(ray_session, tiny_dataset, tmp_path) -> None:
+    run_dir = str(tmp_path / "run")
+    cfg = TrainConfig(data=tiny_dataset, run=run_dir, epochs=1, cpus_per_worker=0.5, **TINY)
+    final = run(cfg)
+    assert final["epoch"] == 1 and 0.0 <= final["val_mAP"] <= 1.0
+    assert final["pair_pool"] == TINY["batch_size"]  # one worker: the pool is the batch itself
+    model, config = contracts.load_model(run_dir)
+    assert config == net_config(cfg, json.loads(Path(tiny_dataset, "dataset.json").read_text())["classes"])
+    assert model.hash_layer.out_features == 16
+    history = json.loads(Path(run_dir, HISTORY_JSON).read_text())["epochs"]
+    assert [h["epoch"] for h in history] == [1] and history[0]["val_mAP"] == final["val_mAP"]
+
+    before = _checkpoints(run_dir)
+    weights_before = torch.load(Path(run_dir, "model.pt"), weights_only=True)
+    again = run(dataclasses.replace(cfg, val_queries=0))  # same run dir: resumes a finished run
+    assert again["epoch"] == 1 and again["val_mAP"] == final["val_mAP"]
+    assert _checkpoints(run_dir) == before  # nothing was trained again
+    weights_after = torch.load(Path(run_dir, "model.pt"), weights_only=True)
+    assert all(torch.equal(weights_before[k], weights_after[k]) for k in weights_before)
+
+
+@pytest.mark.heavy
+def test_two_workers_pair_across_workers_and_survive_a_killed_worker(ray_session, tiny_dataset, tmp_path, monkeypatch) -> None:
+    run_dir = str(tmp_path / "run2")
+    monkeypatch.setenv(FAULT_ENV, "1")  # the last worker dies once at the start of epoch 2
+    cfg = TrainConfig(data=tiny_dataset, run=run_dir, epochs=2, workers=2, cpus_per_worker=0.25, max_failures=1, **TINY)
+    # The one-worker test covers validation; epoch 1 runs with the backbone frozen.
+    cfg = dataclasses.replace(cfg, val_queries=0, freeze_epochs=1)
+    final = run(cfg)
+    assert Path(run_dir, FAULT_MARKER).exists()  # the fault fired
+    # Resumed from the epoch-1 checkpoint (not restarted from scratch) and ended at epoch 2.
+    assert final["epoch"] == 2 and final["resumed_from"] == 1
+    history = json.loads(Path(run_dir, HISTORY_JSON).read_text())["epochs"]
+    assert [h["epoch"] for h in history] == [1, 2]
+    # Each step paired the local batch with the other worker's batch: twice the rows.
+    assert all(h["pair_pool"] == 2 * TINY["batch_size"] for h in history)
+    # Frozen epoch: backbone (weights and BatchNorm statistics) untouched, hash layer trained; then both train.
+    torch.manual_seed(cfg.seed)
+    initial = ResNetHash(cfg.arch, cfg.bits).state_dict()
+    epoch1, epoch2 = (torch.load(Path(run_dir, c, "checkpoint.pt"), weights_only=True)["model"] for c in _checkpoints(run_dir))
+    backbone = [k for k in initial if k.startswith("backbone.")]
+    assert all(torch.equal(epoch1[k], initial[k]) for k in backbone)
+    assert not torch.equal(epoch1["hash_layer.weight"], initial["hash_layer.weight"])
+    assert not torch.equal(epoch2["backbone.conv1.weight"], initial["backbone.conv1.weight"])
+
+
+def test_validation_map_is_one_for_perfect_codes_and_lower_for_shuffled_ones() -> None:
+    labels = np.eye(4, dtype=np.float32)[[0, 0, 1, 1, 2, 2, 3, 3]]
+    codes = np.packbits(np.repeat(labels > 0, 2, axis=1), axis=1)  # 8 bits: two per class
+    assert mean_average_precision(codes[::2], labels[::2], codes, labels) == pytest.approx(1.0)
+    shuffled = codes[[0, 2, 4, 6, 1, 3, 5, 7]]
+    assert mean_average_precision(codes[::2], labels[::2], shuffled, labels) < 1.0
+
+
+# ---------------------------------------------------------------- bad input
+
+
+@pytest.fixture()
+def good(tiny_dataset, tmp_path) -> TrainConfig:
+    return TrainConfig(data=tiny_dataset, run=str(tmp_path / "run"), **TINY)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"arch": "resnet19"}, "unknown arch 'resnet19'; choose one of resnet18"),
+        ({"bits": 12}, "multiple of 8"),
+        ({"bits": 0}, "multiple of 8"),
+        ({"loss": "triplet"}, "unknown loss 'triplet'; choose one of cosine, dpsh, idhn, hashnet"),
+        ({"epochs": 0}, "--epochs must be > 0"),
+        ({"image_size": 8}, "--image-size must be at least 32"),
+        ({"weights": "/nonexistent/resnet18.pt"}, "does not exist"),
+    ],
+)
+def test_bad_arguments_are_rejected_before_training(good: TrainConfig, change: dict, message: str) -> None:
+    with pytest.raises(HashrayError, match=message):
+        validate(dataclasses.replace(good, **change))
+
+
+def test_missing_or_empty_train_split_is_rejected(good: TrainConfig, tmp_path) -> None:
+    with pytest.raises(HashrayError, match="dataset.json is missing"):
+        validate(dataclasses.replace(good, data=str(tmp_path / "nowhere")))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    info = json.loads(Path(good.data, "dataset.json").read_text())
+    info["splits"]["train"] = 0
+    (empty / "dataset.json").write_text(json.dumps(info))
+    with pytest.raises(HashrayError, match="split 'train' is empty or missing"):
+        validate(dataclasses.replace(good, data=str(empty)))
+
+
+def test_resuming_with_other_classes_or_network_is_rejected(good: TrainConfig, tmp_path) -> None:
+    classes = json.loads(Path(good.data, "dataset.json").read_text())["classes"]
+    contracts.write_json(contracts.join(good.run, "config.json"), net_config(good, classes[::-1]).to_dict())
+    with pytest.raises(HashrayError, match="classes .* but run .* was trained on"):
+        validate(good)
+    contracts.write_json(contracts.join(good.run, "config.json"), net_config(dataclasses.replace(good, bits=64), classes).to_dict())
+    with pytest.raises(HashrayError, match="bits 64 -> 16"):
+        validate(good)
+
+
+def test_weights_that_do_not_match_the_arch_are_rejected(good: TrainConfig, tmp_path) -> None:
+    path = tmp_path / "resnet34.pt"
+    torch.save(torchvision.models.resnet34(weights=None).state_dict(), path)
+    with pytest.raises(HashrayError, match="is not a resnet18 state_dict"):
+        validate(dataclasses.replace(good, weights=str(path)))
+
+
+def test_cli_prints_one_line_and_exits_2(good: TrainConfig, tmp_path, capsys) -> None:
+    code = main(["train", "--data", good.data, "--run", good.run, "--bits", "12"])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("hashray train: error:") and "multiple of 8" in err and "\n" not in err
+    shutil.rmtree(good.run, ignore_errors=True)
