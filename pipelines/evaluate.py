@@ -259,6 +259,21 @@ def evaluate_codes(
     return _summary(totals, bits=bits, k=k, curve_points=curve_points)
 
 
+def random_codes_map(query_words: np.ndarray, db_words: np.ndarray, *, bits: int, topk: int,
+                     max_queries: int = 200, seed: int = 0) -> float:
+    """mAP@K of random codes on the same labels: the chance level a trained model must beat.
+
+    It depends on the label statistics (how many database items share a label
+    with a query), so it is reported next to every mAP. A sample of the queries
+    keeps its cost small on large databases.
+    """
+    rng = np.random.default_rng(seed)
+    sample = query_words[: max_queries]
+    random_query = rng.integers(0, 256, (len(sample), bits // 8), dtype=np.uint8)
+    random_db = rng.integers(0, 256, (len(db_words), bits // 8), dtype=np.uint8)
+    return evaluate_codes(random_query, sample, random_db, db_words, topk=topk, progress_seconds=float("inf"))["mAP"]
+
+
 def _summary(totals: _Totals, *, bits: int, k: int, curve_points: int) -> dict[str, Any]:
     """Means over queries, in the metrics.json layout."""
     mean = 1.0 / max(totals.queries, 1)
@@ -325,16 +340,18 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
     _check_pair(cfg, query_manifest, db_manifest)
     num_classes = _num_classes(query_labels, db_labels)
     logger.info("evaluate: %d queries against %d codes of %d bits, K=%d", len(query_codes), len(db_codes), query_manifest["bits"], min(cfg.topk, len(db_codes)))
+    query_words, db_words = label_words(query_labels, num_classes), label_words(db_labels, num_classes)
     metrics = evaluate_codes(
         query_codes,
-        label_words(query_labels, num_classes),
+        query_words,
         db_codes,
-        label_words(db_labels, num_classes),
+        db_words,
         topk=cfg.topk,
         chunk_size=cfg.chunk_size,
         curve_points=cfg.curve_points,
         progress_seconds=cfg.progress_seconds,
     )
+    metrics["mAP_random"] = random_codes_map(query_words, db_words, bits=metrics["bits"], topk=cfg.topk)
     metrics.update(query_codes=cfg.query, database_codes=cfg.database, model=db_manifest.get("model"), created=contracts.now_iso())
     contracts.write_json(contracts.join(cfg.out, METRICS_JSON), metrics)
     write_plots(cfg.out, metrics)
@@ -374,7 +391,10 @@ def _save_figure(figure: Any, uri: str) -> None:
 def format_table(metrics: dict[str, Any]) -> str:
     """The short table the command prints."""
     header = f"{metrics['queries']} queries, {metrics['bits']} bits, K={metrics['topk']}"
-    return "\n".join([header] + [f"  {name:<6} {metrics[name]:.4f}" for name in SUMMARY_KEYS])
+    lines = [header] + [f"  {name:<6} {metrics[name]:.4f}" for name in SUMMARY_KEYS]
+    if "mAP_random" in metrics:
+        lines[1] += f"   (random codes: {metrics['mAP_random']:.4f})"
+    return "\n".join(lines)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

@@ -577,9 +577,11 @@ def run(cfg: ServeConfig) -> None:
     """Start the app on ``cfg.host:cfg.port`` and serve until interrupted."""
     app = build_app(cfg)
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
-    logger.info("starting hashray on http://%s:%d/ (Ctrl-C to stop)", cfg.host, cfg.port)
     try:
-        serve.run(app, name=cfg.app_name, route_prefix="/", blocking=True)
+        serve.run(app, name=cfg.app_name, route_prefix="/")  # returns once every replica is ready
+        print(f"hashray is serving: open http://{cfg.host}:{cfg.port}/ (Ctrl-C to stop)", flush=True)
+        while True:
+            time.sleep(3600)
     finally:
         serve.delete(cfg.app_name)
 

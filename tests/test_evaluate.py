@@ -21,6 +21,7 @@ from pipelines.evaluate import (
     ideal_levels,
     label_words,
     ndcg,
+    random_codes_map,
     run,
     weighted_average_precision,
 )
@@ -194,3 +195,15 @@ def test_bad_inputs_are_refused(tmp_path, capsys):
     with pytest.raises(HashrayError, match="at least 1"):
         run(EvaluateConfig(query=query, database=wide_db, out=str(tmp_path / "e"), topk=0))
     assert not (tmp_path / "e").exists()
+
+
+def test_random_codes_map_is_the_share_of_relevant_items():
+    """Random codes rank at random, so their mAP is about the fraction of relevant database items."""
+    rng = np.random.default_rng(1)
+    query_words = np.ones((200, 1), dtype=np.uint64)  # every query has class 0
+    relevant = rng.random(4000) < 0.3
+    db_words = np.where(relevant, 1, 2).astype(np.uint64).reshape(-1, 1)  # class 0 or class 1
+    chance = random_codes_map(query_words, db_words, bits=64, topk=4000)
+    assert abs(chance - relevant.mean()) < 0.03
+    everyone = random_codes_map(query_words, np.ones((500, 1), dtype=np.uint64), bits=64, topk=500)
+    assert everyone == pytest.approx(1.0)

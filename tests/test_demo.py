@@ -1,0 +1,49 @@
+"""``hashray demo --quick --no-serve``: the whole pipeline, then a second run that reuses every stage."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pipelines.cli import main
+from pipelines.demo import QUICK
+
+
+@pytest.mark.heavy
+def test_quick_demo_runs_every_stage_then_reuses_them(ray_session, tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--no-serve", "--out", str(out)]) == 0
+    first = capsys.readouterr().out
+
+    for stage in ("[1/5] ingest", "[2/5] train", "[3/5] encode", "[4/5] evaluate"):
+        assert f"{stage}" in first and "finished in" in first
+    assert "mAP" in first and "random codes" in first
+    info = json.loads((out / "data" / "dataset.json").read_text())
+    assert info["splits"] == {"train": QUICK.train, "query": QUICK.query, "database": QUICK.database}
+    assert (out / "run" / "model.pt").exists() and (out / "run" / "config.json").exists()
+    for split, rows in (("query", QUICK.query), ("database", QUICK.database)):
+        assert json.loads((out / "codes" / split / "manifest.json").read_text())["count"] == rows
+    metrics = json.loads((out / "eval" / "metrics.json").read_text())
+    assert sorted(path.name for path in (out / "eval").glob("*.png"))
+    # Even two tiny epochs must rank better than random codes on the same labels.
+    assert metrics["mAP"] > metrics["mAP_random"], (metrics["mAP"], metrics["mAP_random"])
+
+    # A second run reuses every finished stage and prints the same metrics.
+    model_time = (out / "run" / "model.pt").stat().st_mtime_ns
+    assert main(["demo", "--quick", "--no-serve", "--out", str(out)]) == 0
+    second = capsys.readouterr().out
+    assert second.count("done before, reusing") == 4 and "finished in" not in second
+    assert f"{metrics['mAP']:.4f}" in second
+    assert (out / "run" / "model.pt").stat().st_mtime_ns == model_time
+
+    # Losing the evaluation output reruns evaluate only.
+    (out / "eval" / "metrics.json").unlink()
+    assert main(["demo", "--quick", "--no-serve", "--out", str(out)]) == 0
+    third = capsys.readouterr().out
+    assert third.count("done before, reusing") == 3 and "[4/5] evaluate: finished in" in third
+
+
+def test_demo_rejects_bad_epochs(capsys):
+    assert main(["demo", "--quick", "--no-serve", "--epochs", "0"]) == 2
+    assert "--epochs must be at least 1" in capsys.readouterr().err
