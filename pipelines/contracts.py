@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import posixpath
 from datetime import datetime, timezone
 from typing import Any
@@ -51,6 +52,15 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     except (pa.ArrowInvalid, ValueError):
         # A plain relative path is not a URI: make it absolute on the local disk.
         return pafs.LocalFileSystem(), posixpath.abspath(uri)
+
+
+def absolute(uri: str) -> str:
+    """A local path made absolute, a URI without its trailing slash.
+
+    Stage drivers pass paths to Ray workers and replicas, whose working dir is
+    not the caller's, so every path leaves the driver absolute.
+    """
+    return uri.rstrip("/") if "://" in uri else os.path.abspath(uri)
 
 
 def join(uri: str, *parts: str) -> str:

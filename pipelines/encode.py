@@ -18,7 +18,6 @@ import hashlib
 import json
 import logging
 import math
-import posixpath
 import time
 import uuid
 from dataclasses import dataclass
@@ -129,18 +128,13 @@ class CodeEncoder:
 # ---------------------------------------------------------------- driver
 
 
-def _canonical(uri: str) -> str:
-    """A stable name for a path or URI: absolute local path, URI without trailing slash."""
-    return uri.rstrip("/") if "://" in uri else posixpath.abspath(uri)
-
-
 def _provenance(cfg: EncodeConfig, dataset_info: dict[str, Any]) -> dict[str, Any]:
     """What makes two codes dirs interchangeable: same model bytes, same dataset, same split."""
     model_bytes = contracts.read_bytes(contracts.join(cfg.run, contracts.MODEL_PT))
     return {
-        "model": _canonical(cfg.run),
+        "model": contracts.absolute(cfg.run),
         "model_sha256": hashlib.sha256(model_bytes).hexdigest(),
-        "dataset": _canonical(cfg.data),
+        "dataset": contracts.absolute(cfg.data),
         "dataset_created": dataset_info.get("created"),
         "split": cfg.split,
     }
@@ -213,6 +207,7 @@ def check_config(cfg: EncodeConfig) -> None:
 def run(cfg: EncodeConfig) -> dict[str, Any]:
     """Encode one split; returns the codes dir's manifest."""
     check_config(cfg)
+    cfg = dataclasses.replace(cfg, run=contracts.absolute(cfg.run), data=contracts.absolute(cfg.data), out=contracts.absolute(cfg.out))
     model_config = contracts.read_model_config(cfg.run)
     dataset_info = contracts.read_dataset_info(cfg.data)
     check_compatible(model_config, dataset_info, cfg.data)

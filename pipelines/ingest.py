@@ -39,6 +39,7 @@ from pipelines.contracts import (
     DATASET_SCHEMA,
     REJECTS_JSONL,
     SPLITS,
+    absolute,
     exists,
     join,
     now_iso,
@@ -136,6 +137,7 @@ def run(cfg: IngestConfig) -> dict[str, Any]:
             or any bad row under ``strict``.
     """
     check_config(cfg)
+    cfg = dataclasses.replace(cfg, out=absolute(cfg.out), root=None if cfg.root is None else absolute(cfg.root))
     plan = _plan(cfg)
     if cfg.strict and plan.rejected:
         raise HashrayError(_strict_message(plan.rejected))

@@ -122,6 +122,7 @@ def fit(cfg: TrainConfig, classes: list[str], backbone: dict[str, torch.Tensor] 
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    cfg = dataclasses.replace(cfg, data=contracts.absolute(cfg.data), run=contracts.absolute(cfg.run))
     contracts.write_json(contracts.join(cfg.run, contracts.CONFIG_JSON), net_config(cfg, classes).to_dict())
     # Through the object store: worker nodes need not see the driver's weights file.
     initial_weights = None if backbone is None else ray.put(backbone)
@@ -208,8 +209,7 @@ def run_config(cfg: TrainConfig) -> Any:
     """Ray's run storage is the run dir itself, so the same --run resumes."""
     import ray.train
 
-    location = cfg.run.rstrip("/") if "://" in cfg.run else os.path.abspath(cfg.run)
-    storage_path, name = posixpath.split(location)
+    storage_path, name = posixpath.split(contracts.absolute(cfg.run))
     fault = {FAULT_ENV: os.environ[FAULT_ENV]} if FAULT_ENV in os.environ else {}
     return ray.train.RunConfig(
         name=name,

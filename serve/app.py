@@ -513,14 +513,9 @@ def reload_target(body: bytes, current: str) -> str:
 # ---------------------------------------------------------------- building and running
 
 
-def absolute(uri: str) -> str:
-    """A local path made absolute (replicas do not share the caller's working dir); URIs unchanged."""
-    return uri if "://" in uri else os.path.abspath(uri)
-
-
 def check_inputs(cfg: ServeConfig) -> ServeConfig:
     """Fail early, on the driver, with one clear message per missing input."""
-    cfg = dataclasses.replace(cfg, run=absolute(cfg.run), codes=absolute(cfg.codes), data=absolute(cfg.data))
+    cfg = dataclasses.replace(cfg, run=contracts.absolute(cfg.run), codes=contracts.absolute(cfg.codes), data=contracts.absolute(cfg.data))
     model = contracts.read_model_config(cfg.run)
     manifest = contracts.read_manifest(cfg.codes)
     if manifest["bits"] != model.bits:
