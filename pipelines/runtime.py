@@ -11,8 +11,10 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Start or join a Ray cluster once per process.
 
     ``address=None`` joins ``RAY_ADDRESS`` when set (``ray job submit``),
-    else starts a local Ray with every core. Tests and notebooks that already
-    called ``ray.init`` keep their own session.
+    else starts a local Ray with every core and its dashboard on
+    127.0.0.1:8265 (Ray Train's bookkeeping queries the state API that the
+    dashboard serves; without it every run logs warnings). Tests and notebooks
+    that already called ``ray.init`` keep their own session.
     """
     if ray.is_initialized():
         return
@@ -20,7 +22,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+        ray.init(num_cpus=num_cpus, log_to_driver=True)
 
 
 def setup_logging(verbose: bool = False) -> None:
