@@ -174,16 +174,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="the whole pipeline on the built-in synthetic data set",
         description="Ingest the synthetic data set, train, encode, evaluate (metrics table + plots), then serve the "
         "web page. Finished stages are reused on a second run.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--out", help=f"output folder (default {defaults.out}, or {QUICK.out} with --quick)")
-    parser.add_argument("--quick", action="store_true", help="a tiny version (a few minutes on a laptop), for smoke tests")
+    parser.add_argument("--quick", action="store_true", help="a tiny version (about a minute on a laptop), for smoke tests")
     parser.add_argument("--no-serve", action="store_true", help="stop after evaluate")
     parser.add_argument("--epochs", type=int, help=f"training epochs (default {defaults.epochs}, {QUICK.epochs} with --quick)")
     parser.add_argument("--gpu", action=argparse.BooleanOptionalAction, default=None,
                         help="train and encode on a GPU (default: when one is present)")
-    parser.add_argument("--host", default=defaults.host, help="HTTP host of the web service")
-    parser.add_argument("--port", type=int, default=defaults.port, help="HTTP port of the web service")
+    parser.add_argument("--host", default=defaults.host, help="HTTP host of the web service (default %(default)s)")
+    parser.add_argument("--port", type=int, default=defaults.port, help="HTTP port of the web service (default %(default)s)")
     parser.set_defaults(handler=_handle)
 
 
