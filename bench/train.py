@@ -5,7 +5,7 @@
 Both sides train the same ResNetHash with the same loss, optimiser, batch size
 and images. The plain loop gets the images decoded and transformed once,
 up front, as tensors in memory (the best case for a single process); hashray
-decodes them every epoch in Ray Data actors, streams them to the Ray Train
+decodes them every epoch in Ray Data tasks, streams them to the Ray Train
 worker and checkpoints every epoch. The plain loop runs with as many torch
 threads as the Ray worker gets (Ray sets them from --cpus-per-worker).
 
@@ -53,8 +53,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=32, help="images per step on both sides")
     parser.add_argument("--loss", default="cosine", help="loss of both sides")
     parser.add_argument("--cpus-per-worker", type=float, default=0.5, help="CPUs of the Ray Train worker")
-    parser.add_argument("--data-cpus", type=float, default=0.5, help="CPUs per Ray Data preprocessing actor")
-    parser.add_argument("--data-workers", type=int, default=2, help="most preprocessing actors")
+    parser.add_argument("--data-cpus", type=float, default=0.5, help="CPUs per Ray Data read + preprocess task")
+    parser.add_argument("--data-workers", type=int, default=2, help="most read + preprocess tasks at once")
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs given to Ray (default: all)")
     parser.add_argument("--gpu", action="store_true", help="one GPU, bf16 autocast, channels_last")
     args = parser.parse_args()
@@ -146,7 +146,9 @@ def main() -> None:
     print(f"{'hashray train (Ray)':24}{' '.join(f'{r:8.1f}' for r in hashray):>28}{ours:10.1f}")
     print(f"{'plain PyTorch loop':24}{' '.join(f'{r:8.1f}' for r in plain):>28}{theirs:10.1f}")
     print(f"hashray seconds waiting for data per epoch: {' '.join(f'{w:.1f}' for w in waits)}")
-    print(f"ratio hashray / plain: {ours / theirs:.3f} (target >= 0.85)")
+    ratio = ours / theirs
+    print(f"ratio hashray / plain: {ratio:.3f}; target (issue 3) applies to this ratio of the steady epochs: "
+          f">= 0.85 -> {'met' if ratio >= 0.85 else 'NOT met'}")
 
 
 if __name__ == "__main__":

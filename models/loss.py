@@ -1,4 +1,5 @@
-"""Pairwise hashing losses: the paper's multi-level cosine loss and three baselines.
+"""Pairwise hashing losses: the paper's multi-level cosine loss and three baselines,
+plus a multi-label classification loss used to pre-train a backbone.
 
 Every loss takes the relaxed codes ``h`` in (-1, 1) of the local batch, their
 multi-hot labels, and optionally codes/labels gathered from other workers.
@@ -158,18 +159,53 @@ class HashNetLoss(PairLoss):
         return (weights * loss).sum() / weights.sum()
 
 
+class ClassifierLoss(nn.Module):
+    """Multi-label classification through the hash layer, to pre-train a backbone.
+
+    Output ``k < C`` (C classes) is read as the relaxed indicator of class k:
+    ``L = mean_{i,k<C} [log(1 + e^(alpha h_ik)) - y_ik alpha h_ik]``, alpha = 5
+    (``h`` is bounded by tanh, so the logit range is (-5, 5): probabilities up
+    to 0.993). Outputs beyond C and the pairs are unused. A run with this loss
+    gives a backbone that already separates the data set's classes -- the
+    fine-tuning start the paper takes from ImageNet, made from the data set's
+    own train labels and without a download -- and its ``model.pt`` is then a
+    ``--weights PATH`` for the hashing runs. ``quant_weight`` is accepted for a
+    uniform constructor and ignored: these outputs are not codes.
+    """
+
+    def __init__(self, quant_weight: float = 0.0, alpha: float = 5.0) -> None:
+        super().__init__()
+        self.alpha = float(alpha)
+
+    def forward(
+        self,
+        codes: torch.Tensor,
+        labels: torch.Tensor,
+        other_codes: torch.Tensor | None = None,
+        other_labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        classes = labels.shape[1]
+        if codes.shape[1] < classes:
+            raise HashrayError(f"loss 'classify' needs at least one output per class: --bits {codes.shape[1]} < {classes} classes")
+        return _likelihood(self.alpha * codes[:, :classes].float(), labels.float()).mean()
+
+
 LOSSES: dict[str, type[PairLoss]] = {
     "cosine": CosineLoss,
     "dpsh": DPSHLoss,
     "idhn": IDHNLoss,
     "hashnet": HashNetLoss,
 }
+# Not a hashing loss (its outputs are class scores): kept apart so that whatever
+# iterates over LOSSES compares hashing losses only.
+PRETRAIN_LOSSES: dict[str, type[nn.Module]] = {"classify": ClassifierLoss}
 
 
-def build_loss(name: str, quant_weight: float = 0.1) -> PairLoss:
-    """The loss called ``name`` (a key of :data:`LOSSES`) with quantisation weight ``quant_weight``."""
-    if name not in LOSSES:
-        raise HashrayError(f"unknown loss {name!r}; choose one of {', '.join(LOSSES)}")
+def build_loss(name: str, quant_weight: float = 0.1) -> nn.Module:
+    """The loss called ``name`` (a key of :data:`LOSSES` or :data:`PRETRAIN_LOSSES`) with quantisation weight ``quant_weight``."""
+    known = {**LOSSES, **PRETRAIN_LOSSES}
+    if name not in known:
+        raise HashrayError(f"unknown loss {name!r}; choose one of {', '.join(known)}")
     if quant_weight < 0:
         raise HashrayError(f"quant weight must be >= 0, got {quant_weight}")
-    return LOSSES[name](quant_weight=quant_weight)
+    return known[name](quant_weight=quant_weight)

@@ -52,13 +52,13 @@ class EncodeConfig:
             batches amortise Ray Data's per-batch cost (see bench/encode.py).
         pool_size: encoder actors.
         gpu: one GPU per actor, inference on CUDA.
-        cpus_per_actor: CPUs Ray reserves per encoder actor. Encoder actors,
-            decode actors and the 1-CPU Parquet read tasks must fit together,
-            or the job waits forever: the defaults (0.5 + 0.5 + 1) fit 2 CPUs.
+        cpus_per_actor: CPUs Ray reserves per encoder actor. Encoder actors
+            and the read + decode tasks must fit together, or the job waits
+            forever: the defaults (0.5 + 0.5) fit 1 CPU.
         threads_per_actor: torch threads per encoder actor; 0 = ceil(cpus_per_actor).
             May exceed the reservation when decoding is light (see bench/encode.py).
-        decode_cpus: CPUs reserved per decode actor.
-        decode_workers: most decode actors (the pool grows up to this many while CPUs are free).
+        decode_cpus: CPUs reserved per read + decode task.
+        decode_workers: most read + decode tasks running at once.
         overwrite: recompute even when ``out`` already holds these codes.
     """
 
@@ -276,8 +276,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--gpu", action="store_true", help="one GPU per encoder actor")
     parser.add_argument("--cpus-per-actor", type=float, default=EncodeConfig.cpus_per_actor, help="CPUs reserved per encoder actor (leave some for decoding)")
     parser.add_argument("--threads-per-actor", type=int, default=EncodeConfig.threads_per_actor, help="torch threads per actor (0: ceil of --cpus-per-actor)")
-    parser.add_argument("--decode-cpus", type=float, default=EncodeConfig.decode_cpus, help="CPUs per decode actor")
-    parser.add_argument("--decode-workers", type=int, default=EncodeConfig.decode_workers, help="most decode actors")
+    parser.add_argument("--decode-cpus", type=float, default=EncodeConfig.decode_cpus, help="CPUs per read + decode task")
+    parser.add_argument("--decode-workers", type=int, default=EncodeConfig.decode_workers, help="most read + decode tasks at once")
     parser.add_argument("--overwrite", action="store_true", help="recompute even if OUT already holds these codes")
     parser.set_defaults(handler=_handle)
 

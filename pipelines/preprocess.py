@@ -1,9 +1,10 @@
 """Decoding and transforming dataset images in Ray Data workers.
 
 Training and encoding read a split with :func:`preprocess_split`: Ray Data
-reads the Parquet files, and a pool of :class:`Preprocessor` actors decodes the
-JPEG/PNG bytes and applies the torchvision transforms in ``map_batches``, so
-the training loop only receives ready float tensors from ``iter_torch_batches``.
+reads the Parquet files, and Ray Data tasks decode the JPEG/PNG bytes and
+apply the torchvision transforms (a :class:`Preprocessor` per worker process,
+in ``map_batches``), so the training loop only receives ready float tensors
+from ``iter_torch_batches``.
 
 Decoding and the eval transform come from :mod:`models.transforms`, shared with
 ingest (which rejects what does not decode) and the server (query uploads), so
@@ -11,6 +12,7 @@ an image means the same thing and gets the same code at every stage.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 
@@ -26,6 +28,12 @@ from models.transforms import MAX_PIXELS, BadImage, decode_image, eval_transform
 from pipelines.contracts import multi_hot, split_files
 
 
+# Smallest crop area of the train augmentation. torchvision's ImageNet default
+# (0.08) suits one centred object; a multi-label image keeps all its labels
+# while an 8% crop usually shows one object or none, so the labels would lie.
+TRAIN_CROP_SCALE = (0.5, 1.0)
+
+
 @dataclass(frozen=True)
 class PreprocessConfig:
     """The transform: output size, train-time augmentation or not, normalisation."""
@@ -39,13 +47,13 @@ class PreprocessConfig:
 def image_transform(config: PreprocessConfig) -> v2.Compose:
     """PIL image -> uint8 tensor (3, S, S).
 
-    Train: random resized crop + horizontal flip. Eval: resize the shorter side
+    Train: random resized crop (``TRAIN_CROP_SCALE`` of the area) + horizontal flip. Eval: resize the shorter side
     to S*256/224, then centre crop S. Normalisation is done per batch, later.
     """
     if not config.train:
         return eval_transform(config.image_size)
     return v2.Compose(
-        [v2.RandomResizedCrop(config.image_size, antialias=True), v2.RandomHorizontalFlip(), v2.PILToTensor()]
+        [v2.RandomResizedCrop(config.image_size, scale=TRAIN_CROP_SCALE, antialias=True), v2.RandomHorizontalFlip(), v2.PILToTensor()]
     )
 
 
@@ -59,9 +67,9 @@ class Preprocessor:
         config: the transform.
         num_classes: width of the multi-hot label vectors.
         seed: seeds the random augmentation (train mode); ``None`` draws a seed.
-            Inside a Ray actor the actor id is mixed in, so the actors of a pool
-            do not repeat each other's crops (which actor gets which batch is
-            Ray's choice, so a pool's output is not reproducible anyway).
+            Inside a Ray worker the worker id is mixed in, so parallel workers
+            do not repeat each other's crops (which worker gets which batch is
+            Ray's choice, so a pipeline's output is not reproducible anyway).
         max_pixels: decompression-bomb limit for one image.
     """
 
@@ -110,11 +118,31 @@ class Preprocessor:
 
 
 def _worker_seed(seed: int) -> int:
-    """``seed``, made distinct per Ray actor when running in one."""
-    actor_id = ray.get_runtime_context().get_actor_id() if ray.is_initialized() else None
-    if actor_id is None:
+    """``seed``, made distinct per Ray worker process when running in one (not on the driver)."""
+    if not ray.is_initialized():
         return seed
-    return int.from_bytes(hashlib.sha256(f"{seed}:{actor_id}".encode()).digest()[:8], "big")
+    context = ray.get_runtime_context()
+    if context.get_actor_id() is None and context.get_task_id() is None:
+        return seed
+    return int.from_bytes(hashlib.sha256(f"{seed}:{context.get_worker_id()}".encode()).digest()[:8], "big")
+
+
+def preprocess_batch(
+    batch: dict[str, np.ndarray], *, config: PreprocessConfig, num_classes: int, seed: int | None = None
+) -> dict[str, np.ndarray]:
+    """Ray Data map task: :class:`Preprocessor` on one batch.
+
+    Tasks rather than an actor pool: there is no pool to start (and, in
+    training, to restart every epoch) while a stateless transform needs none;
+    the worker process keeps one Preprocessor per settings, so the
+    augmentation stream carries on from task to task instead of restarting.
+    """
+    return _process_preprocessor(config, num_classes, seed)(batch)
+
+
+@functools.lru_cache(maxsize=8)
+def _process_preprocessor(config: PreprocessConfig, num_classes: int, seed: int | None) -> Preprocessor:
+    return Preprocessor(config, num_classes, seed=seed)
 
 
 def preprocess_split(
@@ -128,7 +156,7 @@ def preprocess_split(
     seed: int | None = None,
     max_workers: int = 2,
 ) -> ray.data.Dataset:
-    """A lazy Ray Dataset of one split, decoded and transformed in a Preprocessor actor pool.
+    """A lazy Ray Dataset of one split, read, decoded and transformed by Ray Data tasks.
 
     Output columns: ``id`` (str), ``image`` float32 (3, S, S), ``labels``
     float32 multi-hot, ``error`` (str, "" when the row decoded). Select
@@ -136,21 +164,20 @@ def preprocess_split(
 
     Args:
         batch_size: rows per ``map_batches`` call.
-        num_cpus: CPUs reserved by each Preprocessor actor.
+        num_cpus: CPUs reserved by each read and each preprocess task.
         seed: augmentation seed (train mode), see :class:`Preprocessor`.
-        max_workers: the actor pool grows from 1 up to this many actors while CPUs
-            are free (starting them all up front could take the CPUs the read tasks need).
+        max_workers: most preprocess tasks running at once.
     """
     files = split_files(dataset_uri, split)
-    # Ray reads small Parquet files into one big block, and an actor gets whole
-    # blocks: cut the encoded rows into batch-sized blocks (cheap, streaming) so
-    # every actor of the pool gets work.
-    rows = ray.data.read_parquet(files).repartition(target_num_rows_per_block=batch_size)
+    # Ray reads small Parquet files into one big block, and a task gets whole
+    # blocks: cut the encoded rows into batch-sized blocks (cheap, streaming)
+    # so that up to ``max_workers`` tasks share the work.
+    rows = ray.data.read_parquet(files, num_cpus=num_cpus).repartition(target_num_rows_per_block=batch_size)
     return rows.map_batches(
-        Preprocessor,
-        fn_constructor_kwargs={"config": config, "num_classes": num_classes, "seed": seed},
+        preprocess_batch,
+        fn_kwargs={"config": config, "num_classes": num_classes, "seed": seed},
         batch_size=batch_size,
         batch_format="numpy",
         num_cpus=num_cpus,
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max_workers),
+        compute=ray.data.TaskPoolStrategy(size=max_workers),
     )

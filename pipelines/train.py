@@ -71,8 +71,8 @@ class TrainConfig:
         workers: Ray Train workers (DDP when > 1).
         gpu: one GPU per worker, bf16 autocast and channels_last.
         cpus_per_worker: CPUs reserved per training worker (torch threads follow it).
-        data_cpus: CPUs per Ray Data preprocessing actor; leave room for it next to the workers.
-        data_workers: most preprocessing actors (the pool grows while CPUs are free).
+        data_cpus: CPUs per Ray Data read + preprocess task; leave room for it next to the workers.
+        data_workers: most read + preprocess tasks running at once.
         image_size: network input size in pixels.
         seed: initialisation and augmentation seed.
         max_failures: worker failures to recover from (from the last checkpoint).
@@ -485,7 +485,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help="AdamW weight decay")
     parser.add_argument("--freeze-epochs", type=int, default=defaults.freeze_epochs,
                         help="first epochs with the backbone frozen")
-    parser.add_argument("--loss", default=defaults.loss, help="cosine (the paper's) | dpsh | idhn | hashnet")
+    parser.add_argument("--loss", default=defaults.loss, help="cosine (the paper's) | dpsh | idhn | hashnet | classify "
+                        "(multi-label pre-training of a backbone for --weights PATH; --bits >= classes)")
     parser.add_argument("--quant-weight", type=float, default=defaults.quant_weight, help="weight of the quantisation term")
     parser.add_argument("--weights", default=defaults.weights, help="initial backbone: none | imagenet | PATH to a ResNet state_dict")
     parser.add_argument("--allow-download", action="store_true", help="let torchvision download missing ImageNet weights")
@@ -493,8 +494,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--gpu", action="store_true", help="one GPU per worker, bf16 autocast, channels_last")
     parser.add_argument("--cpus-per-worker", type=float, default=defaults.cpus_per_worker,
                         help="CPUs reserved per training worker; leave some for Ray Data")
-    parser.add_argument("--data-cpus", type=float, default=defaults.data_cpus, help="CPUs per preprocessing actor")
-    parser.add_argument("--data-workers", type=int, default=defaults.data_workers, help="most preprocessing actors")
+    parser.add_argument("--data-cpus", type=float, default=defaults.data_cpus, help="CPUs per read + preprocess task")
+    parser.add_argument("--data-workers", type=int, default=defaults.data_workers, help="most read + preprocess tasks at once")
     parser.add_argument("--image-size", type=int, default=defaults.image_size, help="network input size in pixels")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="initialisation and augmentation seed")
     parser.add_argument("--max-failures", type=int, default=defaults.max_failures,

@@ -104,3 +104,19 @@ def test_build_loss_rejects_unknown_names_and_negative_weights() -> None:
         build_loss("triplet")
     with pytest.raises(HashrayError, match="quant weight"):
         build_loss("cosine", quant_weight=-1.0)
+
+
+def test_classify_loss_trains_one_output_per_class_and_needs_enough_outputs() -> None:
+    # Pre-training objective: output k predicts class k; the outputs beyond the classes are free.
+    torch.manual_seed(0)
+    raw = torch.randn(3, 8, requires_grad=True)
+    labels = _labels([0, 1], [2], [], classes=4)
+    optimiser = torch.optim.Adam([raw], lr=0.1)
+    loss_fn = build_loss("classify")
+    for _ in range(100):
+        optimiser.zero_grad()
+        loss_fn(torch.tanh(raw), labels).backward()
+        optimiser.step()
+    assert torch.equal(raw.detach()[:, :4] > 0, labels > 0)
+    with pytest.raises(HashrayError, match="--bits 8 < 12 classes"):
+        loss_fn(torch.zeros(2, 8), torch.zeros(2, 12))
