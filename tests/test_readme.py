@@ -14,8 +14,8 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 
 def shell_blocks(text: str) -> list[list[str]]:
     """The command lines of every ```sh block, in order."""
-    blocks = re.findall(r"```sh\n(.*?)```", text, flags=re.DOTALL)
-    return [[line.split("  #")[0].strip() for line in block.splitlines() if line.strip()] for block in blocks]
+    blocks = [block.replace("\\\n", " ") for block in re.findall(r"```sh\n(.*?)```", text, flags=re.DOTALL)]
+    return [[line.split("  #")[0].strip() for line in block.splitlines() if line.strip() and not line.startswith("#")] for block in blocks]
 
 
 def hashray_argv(line: str) -> list[str] | None:
