@@ -35,6 +35,7 @@ from pipelines.encode import EncodeConfig, run  # noqa: E402
 from pipelines.ingest import IngestConfig  # noqa: E402
 from pipelines.ingest import run as ingest  # noqa: E402
 from pipelines.preprocess import PreprocessConfig, Preprocessor  # noqa: E402
+from models.transforms import normalise  # noqa: E402
 from pipelines.runtime import init_ray  # noqa: E402
 
 TARGET_RATIO = 0.85
@@ -51,18 +52,18 @@ def make_inputs(root: str, *, small: int, images: int, image_size: int, arch: st
 
 
 def plain_loop_rate(data: str, run_dir: str, *, batch_size: int, threads: int, repeats: int = 3) -> float:
-    """images/s of model.encode over pre-decoded tensors, batch by batch (median of ``repeats``)."""
+    """images/s of normalise + model.encode over pre-decoded uint8 tensors, batch by batch (median of ``repeats``)."""
     model, config = contracts.load_model(run_dir)
     table = pq.read_table(contracts.split_files(data, "database"))
     batch = {name: np.array(table.column(name).to_pylist(), dtype=object) for name in ("id", "image", "labels")}
     images = torch.from_numpy(Preprocessor(PreprocessConfig(image_size=config.image_size), len(config.classes))(batch)["image"])
     torch.set_num_threads(threads)
-    model.encode(images[:batch_size])  # warm-up, as the actor's first batch would be
+    model.encode(normalise(images[:batch_size], config.mean, config.std))  # warm-up, as the actor's first batch would be
     rates = []
     for _ in range(repeats):  # the median: a burst of load from other processes moves neither side alone
         started = time.perf_counter()
         for start in range(0, len(images), batch_size):
-            model.encode(images[start : start + batch_size]).numpy()
+            model.encode(normalise(images[start : start + batch_size], config.mean, config.std)).numpy()
         rates.append(len(images) / (time.perf_counter() - started))
     return float(np.median(rates))
 

@@ -38,7 +38,7 @@ from pipelines.contracts import exists, join, read_dataset_info, split_files  # 
 from pipelines.ingest import IngestConfig  # noqa: E402
 from pipelines.ingest import run as ingest  # noqa: E402
 from pipelines.preprocess import PreprocessConfig, Preprocessor  # noqa: E402
-from pipelines.train import TrainConfig, build_optimizer, run  # noqa: E402
+from pipelines.train import TrainConfig, build_optimizer, model_input, run  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -115,9 +115,7 @@ def plain_loop(args: argparse.Namespace, images: torch.Tensor, labels: torch.Ten
         start = time.perf_counter()
         for first in range(0, len(images), args.batch_size):
             index = order[first:first + args.batch_size]
-            batch = images[index].to(device)
-            if args.gpu:
-                batch = batch.contiguous(memory_format=torch.channels_last)
+            batch = model_input(images[index].to(device), args.gpu)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.gpu):
                 codes = model(batch)
             loss = loss_fn(codes, labels[index].to(device))

@@ -74,6 +74,7 @@ def normalise(images: torch.Tensor, mean: Sequence[float], std: Sequence[float])
     """uint8 (n, 3, S, S) -> float32 normalised with per-channel ``mean``/``std``."""
     # (x/255 - mean)/std folded into one scale and one shift, in place: two passes
     # over the batch instead of four, the largest cost of preprocessing small images.
-    std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
-    scale, shift = 1.0 / (255.0 * std_t), torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) / std_t
+    std_t = torch.tensor(std, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
+    scale, shift = 1.0 / (255.0 * std_t), mean_t / std_t
     return images.to(torch.float32, copy=True).mul_(scale).sub_(shift)  # never scales the input in place

@@ -35,6 +35,11 @@ DATASET_SCHEMA = pa.schema(
 )
 
 
+# Rows per Parquet row group in a dataset split: the smallest piece of a file
+# that a preprocessing task reads on its own (see pipelines.preprocess).
+ROW_GROUP_ROWS = 128
+
+
 def codes_schema(bits: int) -> pa.Schema:
     """Schema of a codes dir's Parquet files for codes of ``bits`` bits."""
     return pa.schema(

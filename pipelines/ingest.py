@@ -38,6 +38,7 @@ from pipelines.contracts import (
     DATASET_JSON,
     DATASET_SCHEMA,
     REJECTS_JSONL,
+    ROW_GROUP_ROWS,
     SPLITS,
     absolute,
     exists,
@@ -408,7 +409,9 @@ class _DatasetSink(Datasink):
             return 0
         filesystem, path = resolve(join(self.out, split, f"part-{rows.column('seq')[0].as_py():010d}.parquet"))
         filesystem.create_dir(posixpath.dirname(path), recursive=True)
-        pq.write_table(rows.select(DATASET_SCHEMA.names).cast(DATASET_SCHEMA), path, filesystem=filesystem)
+        pq.write_table(
+            rows.select(DATASET_SCHEMA.names).cast(DATASET_SCHEMA), path, filesystem=filesystem, row_group_size=ROW_GROUP_ROWS
+        )
         return rows.num_rows
 
     def on_write_complete(self, write_result: Any) -> None:

@@ -36,7 +36,8 @@ import torch.distributed as dist
 from models.codes import check_bits, hamming_distances, pack_codes, topk_by_hamming
 from models.errors import HashrayError
 from models.loss import build_loss
-from models.network import HashNetConfig, ResNetHash, check_arch, load_backbone_weights
+from models.network import IMAGENET_MEAN, IMAGENET_STD, HashNetConfig, ResNetHash, check_arch, load_backbone_weights
+from models.transforms import normalise
 from pipelines import contracts
 from pipelines.evaluate import average_precision
 
@@ -222,16 +223,13 @@ def run_config(cfg: TrainConfig) -> Any:
 
 def build_datasets(cfg: TrainConfig, num_classes: int) -> dict[str, Any]:
     """Preprocessed ``train`` (sharded per worker) and the validation sample (read by rank 0 only)."""
-    from ray.data.expressions import col
-
     from pipelines.preprocess import PreprocessConfig, preprocess_split
 
     def prepared(split: str, train: bool, limit: int | None = None) -> Any:
         dataset = preprocess_split(
             cfg.data, split, PreprocessConfig(image_size=cfg.image_size, train=train), num_classes,
-            batch_size=cfg.batch_size, num_cpus=cfg.data_cpus, seed=cfg.seed, max_workers=cfg.data_workers,
+            batch_size=cfg.batch_size, num_cpus=cfg.data_cpus, seed=cfg.seed, max_workers=cfg.data_workers, keep_errors=False,
         )
-        dataset = dataset.filter(expr=col("error") == "").select_columns(["image", "labels"])
         return dataset.limit(limit) if limit else dataset
 
     datasets = {"train": prepared("train", True)}
@@ -341,7 +339,7 @@ def train_one_epoch(model: torch.nn.Module, shard: Any, loss_fn: torch.nn.Module
     """
     steps, rows, loss_sum, pool_sum, waited = 0, 0, 0.0, 0, 0.0
     started = ready = time.perf_counter()
-    for batch in shard.iter_torch_batches(batch_size=cfg.batch_size, dtypes=torch.float32, device=device):
+    for batch in shard.iter_torch_batches(batch_size=cfg.batch_size, dtypes=BATCH_DTYPES, device=device):
         waited += time.perf_counter() - ready
         if len(batch["image"]) >= 2:  # BatchNorm cannot train on one row; every rank sees the same sizes
             loss, pool = train_step(model, batch, loss_fn, optimizer, device, cfg)
@@ -357,12 +355,21 @@ def train_one_epoch(model: torch.nn.Module, shard: Any, loss_fn: torch.nn.Module
     }
 
 
+# Images travel uint8 (4x smaller through the object store and to the GPU) and
+# are normalised on the training device by model_input.
+BATCH_DTYPES = {"image": torch.uint8, "labels": torch.float32}
+
+
+def model_input(images: torch.Tensor, gpu: bool) -> torch.Tensor:
+    """uint8 batch from the data pipeline -> the network's normalised float input, on the batch's device."""
+    pixels = normalise(images, IMAGENET_MEAN, IMAGENET_STD)
+    return pixels.contiguous(memory_format=torch.channels_last) if gpu else pixels
+
+
 def train_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], loss_fn: torch.nn.Module,
                optimizer: torch.optim.Optimizer, device: torch.device, cfg: TrainConfig) -> tuple[float, int]:
     """One optimiser step on a batch; returns the loss and the rows in the pair pool."""
-    images, labels = batch["image"], batch["labels"]
-    if cfg.gpu:
-        images = images.contiguous(memory_format=torch.channels_last)
+    images, labels = model_input(batch["image"], cfg.gpu), batch["labels"]
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.gpu):
         codes = model(images)
     other_codes, other_labels = gather_others(codes.detach(), labels)
@@ -405,8 +412,8 @@ def encode_sample(module: ResNetHash, dataset: Any, device: torch.device, cfg: T
     """Packed codes and multi-hot labels of a small preprocessed dataset."""
     module.eval()
     codes, labels = [], []
-    for batch in dataset.iter_torch_batches(batch_size=cfg.batch_size, dtypes=torch.float32, device=device):
-        images = batch["image"].contiguous(memory_format=torch.channels_last) if cfg.gpu else batch["image"]
+    for batch in dataset.iter_torch_batches(batch_size=cfg.batch_size, dtypes=BATCH_DTYPES, device=device):
+        images = model_input(batch["image"], cfg.gpu)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.gpu):
             codes.append(pack_codes(module.encode(images).cpu().numpy()))
         labels.append(batch["labels"].cpu().numpy())

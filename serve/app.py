@@ -578,7 +578,13 @@ def app_builder(args: dict[str, Any]) -> serve.Application:
 def run(cfg: ServeConfig) -> None:
     """Start the app on ``cfg.host:cfg.port`` and serve until interrupted."""
     app = build_app(cfg)
-    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    try:
+        serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    except Exception as error:  # Serve wraps the proxy's bind error in a RayTaskError
+        if "Failed to bind" not in str(error):
+            raise
+        serve.shutdown()
+        raise HashrayError(f"cannot listen on {cfg.host}:{cfg.port}: the port is in use; pass --port with a free one") from None
     try:
         serve.run(app, name=cfg.app_name, route_prefix="/")  # returns once every replica is ready
         print(f"hashray is serving: open http://{cfg.host}:{cfg.port}/ (Ctrl-C to stop)", flush=True)

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import random
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -90,19 +92,42 @@ def make_servable(dataset: str, root: Path) -> Servable:
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A free loopback port below the kernel's ephemeral range (32768 and up).
+
+    A port handed out by ``bind(port=0)`` comes from the ephemeral range, where any of Ray's
+    own sockets may take it again between this call and the moment Serve's proxy binds it.
+    Ray's workers use 10002-19999, so 20000-32767 is left to us.
+    """
+    for _ in range(200):
+        port = random.randrange(20000, 32768)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free loopback port in 20000-32767")
 
 
 @contextlib.contextmanager
 def running_app(cfg) -> Iterator[str]:
-    """Run ``build_app(cfg)`` on loopback and yield its base URL; Serve is shut down after, Ray is not."""
+    """Run ``build_app(cfg)`` on loopback and yield its base URL; Serve is shut down after, Ray is not.
+
+    If the port was taken in the meantime, Serve's proxy fails to bind: start again on another port.
+    """
     from ray import serve
 
     from serve.app import build_app
 
-    serve.start(http_options={"host": "127.0.0.1", "port": cfg.port})
+    for attempt in range(3):
+        try:
+            serve.start(http_options={"host": "127.0.0.1", "port": cfg.port})
+            break
+        except Exception as error:  # a RayTaskError wrapping the proxy's "Failed to bind"
+            serve.shutdown()
+            if "Failed to bind" not in str(error) or attempt == 2:
+                raise
+            cfg = dataclasses.replace(cfg, port=free_port())
     try:
         serve.run(build_app(cfg), name=cfg.app_name, route_prefix="/")
         url = f"http://127.0.0.1:{cfg.port}"

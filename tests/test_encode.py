@@ -14,7 +14,8 @@ import torch
 from models.codes import pack_codes
 from models.errors import HashrayError
 from models.loss import build_loss
-from models.network import HashNetConfig, ResNetHash
+from models.network import IMAGENET_MEAN, IMAGENET_STD, HashNetConfig, ResNetHash
+from models.transforms import normalise
 from pipelines import contracts
 from pipelines.cli import main
 from pipelines.encode import CodeEncoder, EncodeConfig, label_lists, run
@@ -56,8 +57,8 @@ def test_code_encoder_packs_codes_and_lists_rejects(tmp_path):
     assert table.schema == contracts.codes_schema(16)
     assert table.column("id").to_pylist() == ["q0", "q1", "q3", "q4"]
     assert table.column("labels").to_pylist() == [sorted(set(examples[i][1])) for i in (0, 1, 3, 4)]
-    model, _ = contracts.load_model(run_dir)
-    expected = pack_codes(model.encode(torch.from_numpy(batch["image"][[0, 1, 3, 4]])).numpy())
+    model, config = contracts.load_model(run_dir)
+    expected = pack_codes(model.encode(normalise(torch.from_numpy(batch["image"][[0, 1, 3, 4]]), config.mean, config.std)).numpy())
     np.testing.assert_array_equal(contracts.codes_matrix(table), expected)
     (part,) = rejects_dir.glob("*.jsonl")
     reject = json.loads(part.read_text())
@@ -138,7 +139,7 @@ def fit_run(dataset: str, run_dir: Path, epochs: int = 6) -> str:
     table = pq.read_table(contracts.split_files(dataset, "train"))
     batch = {name: np.array(table.column(name).to_pylist(), dtype=object) for name in ("id", "image", "labels")}
     prepared = Preprocessor(PreprocessConfig(image_size=32), num_classes=len(CLASSES))(batch)
-    images, labels = torch.from_numpy(prepared["image"]), torch.from_numpy(prepared["labels"])
+    images, labels = normalise(torch.from_numpy(prepared["image"]), IMAGENET_MEAN, IMAGENET_STD), torch.from_numpy(prepared["labels"])
     torch.manual_seed(0)
     model, loss_fn = ResNetHash("resnet18", 16), build_loss("cosine")
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)

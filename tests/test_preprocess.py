@@ -10,7 +10,7 @@ from PIL import Image
 
 from models.errors import HashrayError
 from models.network import IMAGENET_MEAN, IMAGENET_STD
-from models.transforms import BadImage, decode_image
+from models.transforms import BadImage, decode_image, normalise
 from pipelines.preprocess import PreprocessConfig, Preprocessor, preprocess_split
 from pipelines.synthetic import synthetic_example
 
@@ -61,17 +61,19 @@ def batch(images: list[bytes], labels: list[list[int]]) -> dict[str, np.ndarray]
     }
 
 
-def test_eval_preprocessing_normalises_and_multi_hots():
+def test_eval_preprocessing_keeps_uint8_pixels_and_multi_hots():
     colour = (200, 30, 90)
     out = Preprocessor(PreprocessConfig(image_size=16), num_classes=4)(batch([encoded((40, 30), colour), jpeg()], [[0, 3], [2]]))
-    assert out["image"].shape == (2, 3, 16, 16) and out["image"].dtype == np.float32
+    assert out["image"].shape == (2, 3, 16, 16) and out["image"].dtype == np.uint8
+    np.testing.assert_array_equal(out["image"][0], np.broadcast_to(np.array(colour, dtype=np.uint8)[:, None, None], (3, 16, 16)))
+    normalised = normalise(torch.from_numpy(out["image"]), IMAGENET_MEAN, IMAGENET_STD)
     expected = (np.array(colour) / 255 - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)
-    np.testing.assert_allclose(out["image"][0].mean(axis=(1, 2)), expected, atol=1e-4)
+    np.testing.assert_allclose(normalised[0].mean(dim=(1, 2)).numpy(), expected, atol=1e-5)
     np.testing.assert_array_equal(out["labels"], [[1, 0, 0, 1], [0, 0, 1, 0]])
     assert list(out["id"]) == ["row-0", "row-1"] and list(out["error"]) == ["", ""]
 
 
-def test_a_bad_row_gets_a_zero_image_and_its_error_without_failing_the_batch():
+def test_a_bad_row_gets_a_black_image_and_its_error_without_failing_the_batch():
     out = Preprocessor(PreprocessConfig(image_size=16), num_classes=3)(batch([jpeg(), b"\x00garbage"], [[1], [2]]))
     assert out["error"][0] == "" and "not_an_image" in out["error"][1]
     assert not out["image"][1].any() and out["image"][0].any()
@@ -107,6 +109,6 @@ def test_preprocess_split_feeds_iter_torch_batches(tiny_dataset):
         images.append(tensors["image"])
         labels.append(tensors["labels"])
     images, labels = torch.cat(images), torch.cat(labels)
-    assert images.shape == (info["splits"]["query"], 3, 32, 32) and images.dtype == torch.float32
-    assert labels.shape == (info["splits"]["query"], len(info["classes"]))
-    assert (labels.sum(dim=1) >= 1).all() and images.std() > 0.3
+    assert images.shape == (info["splits"]["query"], 3, 32, 32) and images.dtype == torch.uint8
+    assert labels.shape == (info["splits"]["query"], len(info["classes"])) and labels.dtype == torch.float32
+    assert (labels.sum(dim=1) >= 1).all() and images.float().std() > 20
