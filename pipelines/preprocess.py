@@ -74,8 +74,8 @@ class Preprocessor:
         config: the transform.
         num_classes: width of the multi-hot label vectors.
         seed: seeds the random augmentation (train mode); ``None`` draws a seed.
-            Inside a Ray worker the worker id is mixed in, so parallel workers
-            do not repeat each other's crops (which worker gets which batch is
+            While Ray runs, the process's worker id is mixed in, so parallel
+            workers do not repeat each other's crops (which worker gets which batch is
             Ray's choice, so a pipeline's output is not reproducible anyway).
         max_pixels: decompression-bomb limit for one image.
     """
@@ -123,13 +123,11 @@ class Preprocessor:
 
 
 def _worker_seed(seed: int) -> int:
-    """``seed``, made distinct per Ray worker process when running in one (not on the driver)."""
+    """``seed``, made distinct per Ray process (worker or driver) when Ray is running."""
     if not ray.is_initialized():
         return seed
-    context = ray.get_runtime_context()
-    if context.get_actor_id() is None and context.get_task_id() is None:
-        return seed
-    return int.from_bytes(hashlib.sha256(f"{seed}:{context.get_worker_id()}".encode()).digest()[:8], "big")
+    worker_id = ray.get_runtime_context().get_worker_id()
+    return int.from_bytes(hashlib.sha256(f"{seed}:{worker_id}".encode()).digest()[:8], "big")
 
 
 def preprocess_split(

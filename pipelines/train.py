@@ -23,7 +23,9 @@ import dataclasses
 import logging
 import os
 import posixpath
+import signal
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,7 +139,14 @@ def fit(cfg: TrainConfig, classes: list[str], backbone: dict[str, torch.Tensor] 
         datasets=build_datasets(cfg, len(classes)),
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
-    result = trainer.fit()
+    # Ray Train installs a SIGINT handler (Ctrl-C aborts the run) and leaves it in
+    # place: put the caller's back, or Ctrl-C would not stop what follows (the demo's server).
+    sigint_handler = signal.getsignal(signal.SIGINT)
+    try:
+        result = trainer.fit()
+    finally:
+        if sigint_handler is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, sigint_handler)
     if result.checkpoint is None:
         raise HashrayError(f"{cfg.run}: training ended without a checkpoint")
     state = read_checkpoint(result.checkpoint)

@@ -4,6 +4,8 @@ from __future__ import annotations
 import io
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
@@ -11,7 +13,7 @@ from PIL import Image
 from models.errors import HashrayError
 from models.network import IMAGENET_MEAN, IMAGENET_STD
 from models.transforms import BadImage, decode_image, normalise
-from pipelines.preprocess import PreprocessConfig, Preprocessor, preprocess_split
+from pipelines.preprocess import PreprocessConfig, Preprocessor, preprocess_split, read_piece
 from pipelines.synthetic import synthetic_example
 
 
@@ -112,3 +114,49 @@ def test_preprocess_split_feeds_iter_torch_batches(tiny_dataset):
     assert images.shape == (info["splits"]["query"], 3, 32, 32) and images.dtype == torch.uint8
     assert labels.shape == (info["splits"]["query"], len(info["classes"])) and labels.dtype == torch.float32
     assert (labels.sum(dim=1) >= 1).all() and images.float().std() > 20
+
+
+def test_file_pieces_cover_every_row_once_in_order(tmp_path):
+    ids = [f"r{i}" for i in range(10)]
+    table = pa.table({"id": ids, "image": [jpeg(i) for i in range(10)], "labels": [[i % 3] for i in range(10)]})
+    path = str(tmp_path / "part.parquet")
+    pq.write_table(table, path, row_group_size=3)  # 4 row groups: 3 + 3 + 3 + 1 rows
+    for pieces in (1, 2, 3, 4, 7):
+        read = [
+            row_id
+            for piece in range(pieces)
+            for rows in read_piece(path, piece, pieces, batch_size=2)
+            for row_id in rows["id"]
+        ]
+        assert read == ids, pieces
+
+
+def test_preprocess_split_keeps_or_drops_rows_that_do_not_decode(tiny_dataset, tmp_path):
+    """A split of several files with small row groups and one bad row, read in more pieces than row groups."""
+    import shutil
+
+    from pipelines.contracts import read_dataset_info
+
+    data = tmp_path / "ds"
+    shutil.copytree(tiny_dataset, data)
+    files = sorted((data / "query").glob("*.parquet"))
+    table = pa.concat_tables(pq.read_table(f) for f in files)
+    for f in files:
+        f.unlink()
+    images = table.column("image").to_pylist()
+    images[5] = b"GIF89a but truncated"
+    table = table.set_column(table.schema.get_field_index("image"), "image", pa.array(images, pa.binary()))
+    for part, start in enumerate(range(0, table.num_rows, 10)):
+        pq.write_table(table.slice(start, 10), data / "query" / f"part-{part:03d}.parquet", row_group_size=4)
+    num_classes = len(read_dataset_info(str(data))["classes"])
+
+    kept = preprocess_split(str(data), "query", PreprocessConfig(image_size=32), num_classes, batch_size=3, max_workers=2)
+    kept.context.execution_options.preserve_order = True
+    rows = kept.take_all()
+    assert [row["id"] for row in rows] == table.column("id").to_pylist()
+    assert [bool(row["error"]) for row in rows] == [i == 5 for i in range(table.num_rows)]
+
+    dropped = preprocess_split(str(data), "query", PreprocessConfig(image_size=32), num_classes, batch_size=3, keep_errors=False)
+    batches = list(dropped.iter_torch_batches(batch_size=8))
+    assert all(set(batch) == {"image", "labels"} for batch in batches)
+    assert sum(len(batch["image"]) for batch in batches) == table.num_rows - 1

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import signal
 import shutil
 from pathlib import Path
 
@@ -30,7 +31,9 @@ def _checkpoints(run_dir: str) -> list[str]:
 def test_one_worker_run_writes_the_model_and_a_rerun_resumes(ray_session, tiny_dataset, tmp_path) -> None:
     run_dir = str(tmp_path / "run")
     cfg = TrainConfig(data=tiny_dataset, run=run_dir, epochs=1, cpus_per_worker=0.5, **TINY)
+    handler = signal.getsignal(signal.SIGINT)
     final = run(cfg)
+    assert signal.getsignal(signal.SIGINT) is handler  # Ray Train's own Ctrl-C handler does not outlive the run
     assert final["epoch"] == 1 and 0.0 <= final["val_mAP"] <= 1.0
     assert final["pair_pool"] == TINY["batch_size"]  # one worker: the pool is the batch itself
     model, config = contracts.load_model(run_dir)
