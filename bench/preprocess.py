@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import statistics
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -54,6 +55,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--num-cpus", type=int, default=2, help="CPUs given to Ray (default 2)")
     parser.add_argument("--workers", type=int, default=2, help="most preprocess tasks at once (default 2)")
     parser.add_argument("--task-cpus", type=float, default=1.0, help="CPUs reserved per read + preprocess task (default 1)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed passes per side; the median is printed (default 3)")
     args = parser.parse_args()
     args.dataset = args.dataset or f"build/bench-ds-{args.source_size}px"
     return args
@@ -78,6 +80,16 @@ def timed(batches: Iterator[torch.Tensor]) -> tuple[int, float, float]:
         images += len(images_batch)
     end = time.perf_counter()
     return images, images / (end - start), (images - first_images) / (end - first)
+
+
+def median_of(repeats: int, measure: Callable[[], tuple[int, float, float]]) -> tuple[int, float, float]:
+    """``measure()`` run ``repeats`` times: (images, median end-to-end rate, median rate after the 1st batch).
+
+    The median, because a burst of load from another process on a shared machine
+    would otherwise decide the ratio.
+    """
+    runs = [measure() for _ in range(repeats)]
+    return runs[0][0], statistics.median(r[1] for r in runs), statistics.median(r[2] for r in runs)
 
 
 def baseline(args: argparse.Namespace, config: PreprocessConfig, num_classes: int) -> Iterator[torch.Tensor]:
@@ -111,18 +123,19 @@ def main() -> None:
     info = ensure_dataset(args)
     config = PreprocessConfig(image_size=args.image_size, train=not args.eval)
     num_classes = len(info["classes"])
-    plain_images, plain_rate, plain_steady = timed(baseline(args, config, num_classes))
+    plain_images, plain_rate, plain_steady = median_of(args.repeats, lambda: timed(baseline(args, config, num_classes)))
     # Start the worker processes and import torch in them once, as the first epoch of a
     # training job does (the plain loop has torch imported already): later epochs reuse them.
     started = time.perf_counter()
     for _ in with_ray(args, config, num_classes, limit=args.workers * args.batch_size):
         pass
     warm_up_s = time.perf_counter() - started
-    ray_images, ray_rate, ray_steady = timed(with_ray(args, config, num_classes))
+    ray_images, ray_rate, ray_steady = median_of(args.repeats, lambda: timed(with_ray(args, config, num_classes)))
     if ray_images != plain_images:
         raise SystemExit(f"Ray Data produced {ray_images} images, the plain loop {plain_images}")
     mode = "eval" if args.eval else "train"
-    print(f"preprocess {plain_images} images of {args.dataset}/{args.split} -> {args.image_size}px ({mode} transform), batch {args.batch_size}")
+    print(f"preprocess {plain_images} images of {args.dataset}/{args.split} -> {args.image_size}px ({mode} transform), "
+          f"batch {args.batch_size}, median of {args.repeats} passes per side")
     print(f"  {'':<40} {'end to end':>12} {'after 1st batch':>16}")
     print(f"  {'plain PIL+torchvision loop, 1 process':<40} {plain_rate:8.1f} im/s {plain_steady:11.1f} im/s")
     print(f"  {f'Ray Data tasks, {args.num_cpus} CPUs':<40} {ray_rate:8.1f} im/s {ray_steady:11.1f} im/s")
