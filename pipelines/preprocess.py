@@ -204,13 +204,14 @@ def preprocess_pieces(
 def read_piece(path: str, piece: int, pieces: int, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
     """Rows ``id``, ``image``, ``labels`` of piece ``piece`` of ``pieces`` of a Parquet file (contiguous row groups)."""
     filesystem, file_path = resolve(path)
-    parquet = pq.ParquetFile(filesystem.open_input_file(file_path))
-    groups = parquet.metadata.num_row_groups
-    mine = list(range(piece * groups // pieces, (piece + 1) * groups // pieces))
-    if not mine:
-        return
-    for record_batch in parquet.iter_batches(batch_size=batch_size, row_groups=mine, columns=["id", "image", "labels"]):
-        yield {name: record_batch.column(name).to_numpy(zero_copy_only=False) for name in ("id", "image", "labels")}
+    with filesystem.open_input_file(file_path) as source:
+        parquet = pq.ParquetFile(source)
+        groups = parquet.metadata.num_row_groups
+        mine = list(range(piece * groups // pieces, (piece + 1) * groups // pieces))
+        if not mine:
+            return
+        for record_batch in parquet.iter_batches(batch_size=batch_size, row_groups=mine, columns=["id", "image", "labels"]):
+            yield {name: record_batch.column(name).to_numpy(zero_copy_only=False) for name in ("id", "image", "labels")}
 
 
 def _without_errors(batch: dict[str, np.ndarray], path: str) -> dict[str, np.ndarray]:
