@@ -3,10 +3,12 @@
     python bench/preprocess.py [--rows 4000] [--source-size 256] [--image-size 224] [--num-cpus 2]
 
 Both sides run the very same :class:`pipelines.preprocess.Preprocessor` (PIL
-decode + torchvision RandomResizedCrop/flip to uint8) over the same split and
-normalise each batch in the consumer, as the training loop does; the baseline calls it in a loop over ``pyarrow`` batches in this
-process, Ray Data runs it in read + preprocess tasks and the driver consumes
-``iter_torch_batches`` as a training loop would. Both sides are timed by the
+decode + torchvision RandomResizedCrop/flip to uint8) over the same split, and
+the consumer turns each batch into network input with the training loop's own
+:func:`pipelines.train.model_input`. The baseline calls the Preprocessor in a
+loop over ``pyarrow`` batches in this process; Ray Data runs it in read +
+preprocess tasks and the driver consumes ``iter_torch_batches`` as a training
+loop would. Both sides are timed by the
 same function: end to end (Ray Data's per-run start-up included) and after the
 first batch; the issue's target applies to the end-to-end ratio. Ray's worker
 processes are started once before timing (printed apart), as a training job
@@ -34,11 +36,10 @@ import pyarrow.parquet as pq  # noqa: E402
 import ray  # noqa: E402
 import torch  # noqa: E402
 
-from models.network import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
-from models.transforms import normalise  # noqa: E402
 from pipelines.contracts import exists, join, read_dataset_info, split_files  # noqa: E402
 from pipelines.ingest import IngestConfig, run  # noqa: E402
 from pipelines.preprocess import PreprocessConfig, Preprocessor, preprocess_split  # noqa: E402
+from pipelines.train import model_input  # noqa: E402
 
 TARGET_RATIO = 1.3
 
@@ -98,7 +99,7 @@ def baseline(args: argparse.Namespace, config: PreprocessConfig, num_classes: in
     for path in split_files(args.dataset, args.split):
         for record_batch in pq.ParquetFile(path).iter_batches(batch_size=args.batch_size):
             batch = {name: record_batch.column(name).to_numpy(zero_copy_only=False) for name in ("id", "image", "labels")}
-            yield normalise(torch.from_numpy(preprocess(batch)["image"]), IMAGENET_MEAN, IMAGENET_STD)
+            yield model_input(torch.from_numpy(preprocess(batch)["image"]), gpu=False)
 
 
 def with_ray(args: argparse.Namespace, config: PreprocessConfig, num_classes: int, limit: int | None = None) -> Iterator[torch.Tensor]:
@@ -108,7 +109,7 @@ def with_ray(args: argparse.Namespace, config: PreprocessConfig, num_classes: in
         num_cpus=args.task_cpus, seed=0, max_workers=args.workers, keep_errors=False,
     )
     for batch in (dataset.limit(limit) if limit else dataset).iter_torch_batches(batch_size=args.batch_size):
-        yield normalise(batch["image"], IMAGENET_MEAN, IMAGENET_STD)
+        yield model_input(batch["image"], gpu=False)
 
 
 def main() -> None:

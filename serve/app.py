@@ -575,16 +575,21 @@ def app_builder(args: dict[str, Any]) -> serve.Application:
     return build_app(ServeConfig(**args))
 
 
-def run(cfg: ServeConfig) -> None:
-    """Start the app on ``cfg.host:cfg.port`` and serve until interrupted."""
-    app = build_app(cfg)
+def start_http(host: str, port: int) -> None:
+    """Start Serve's HTTP proxy on ``host:port``; a port in use is a one-line HashrayError."""
     try:
-        serve.start(http_options={"host": cfg.host, "port": cfg.port})
+        serve.start(http_options={"host": host, "port": port})
     except Exception as error:  # Serve wraps the proxy's bind error in a RayTaskError
         if "Failed to bind" not in str(error):
             raise
         serve.shutdown()
-        raise HashrayError(f"cannot listen on {cfg.host}:{cfg.port}: the port is in use; pass --port with a free one") from None
+        raise HashrayError(f"cannot listen on {host}:{port}: the port is in use; pass --port with a free one") from None
+
+
+def run(cfg: ServeConfig) -> None:
+    """Start the app on ``cfg.host:cfg.port`` and serve until interrupted."""
+    app = build_app(cfg)
+    start_http(cfg.host, cfg.port)
     try:
         serve.run(app, name=cfg.app_name, route_prefix="/")  # returns once every replica is ready
         print(f"hashray is serving: open http://{cfg.host}:{cfg.port}/ (Ctrl-C to stop)", flush=True)

@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 import torch
 
 from models.codes import hamming_distances, pack_codes, topk_by_hamming
+from models.errors import HashrayError
 from models.network import HashNetConfig, ResNetHash
 from models.transforms import decode_image, eval_transform, normalise
 from pipelines import contracts
@@ -117,15 +118,14 @@ def running_app(cfg) -> Iterator[str]:
     """
     from ray import serve
 
-    from serve.app import build_app
+    from serve.app import build_app, start_http
 
     for attempt in range(3):
         try:
-            serve.start(http_options={"host": "127.0.0.1", "port": cfg.port})
+            start_http("127.0.0.1", cfg.port)
             break
-        except Exception as error:  # a RayTaskError wrapping the proxy's "Failed to bind"
-            serve.shutdown()
-            if "Failed to bind" not in str(error) or attempt == 2:
+        except HashrayError:  # the port was taken
+            if attempt == 2:
                 raise
             cfg = dataclasses.replace(cfg, port=free_port())
     try:
