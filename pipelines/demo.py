@@ -205,6 +205,10 @@ def _handle(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     if cfg.gpu and not torch.cuda.is_available():
         raise HashrayError("--gpu was given but torch sees no CUDA device")
+    if cfg.serve:
+        from serve.app import use_fast_http  # Serve's HTTP settings go in before Ray starts
+
+        use_fast_http()
     init_ray(args.address)
     run(cfg)
     if cfg.serve:

@@ -99,6 +99,33 @@ class IdIndex:
         return None
 
 
+class CodeBook:
+    """The packed code of every indexed id: a query by id needs it before any shard is asked.
+
+    The ingress keeps one for the whole database (an id and bits/8 bytes a
+    row), so ``GET /search/{id}`` costs one call per shard instead of two.
+    """
+
+    def __init__(self, ids: pa.Array | pa.ChunkedArray, codes: np.ndarray) -> None:
+        if len(ids) != len(codes):
+            raise HashrayError(f"{len(ids)} ids but {len(codes)} codes")
+        self._ids = IdIndex(ids)
+        self._codes = np.ascontiguousarray(codes, dtype=np.uint8)
+
+    @classmethod
+    def from_table(cls, table: pa.Table) -> "CodeBook":
+        """A code book over a codes table (columns id, code)."""
+        return cls(table.column("id"), contracts.codes_matrix(table))
+
+    def __len__(self) -> int:
+        return len(self._codes)
+
+    def code_of(self, item_id: str) -> np.ndarray | None:
+        """The packed code of ``item_id``, or None when no row has that id."""
+        row = self._ids.find(item_id)
+        return None if row is None else self._codes[row]
+
+
 class ShardIndex:
     """Exact top-k and radius search over rows [start, start + n) of the database.
 
@@ -123,12 +150,14 @@ class ShardIndex:
         self.start = start
         self.tie_margin = tie_margin
         self._index = faiss.IndexBinaryFlat(self.bits)
+        # faiss's counting-sort top-k instead of its heap: exact all the same,
+        # and 20-25% faster per query over a million 64-bit codes on one thread.
+        self._index.use_heap = False
         self._index.add(codes)
         # One chunk each: ``take`` on a many-chunk column costs ~0.5 ms per
         # call at a million rows, more than the search itself.
         self._ids = combined(ids)
         self._labels = combined(labels)
-        self._id_index = IdIndex(self._ids) if self._ids is not None else None
 
     @classmethod
     def from_table(cls, table: pa.Table, *, start: int, tie_margin: int = DEFAULT_TIE_MARGIN) -> "ShardIndex":
@@ -172,11 +201,6 @@ class ShardIndex:
             raise HashrayError("this shard was built without ids and labels")
         local = pa.array(hits.positions - self.start, type=pa.int64())
         return Hits(hits.distances, hits.positions, self._ids.take(local).to_pylist(), self._labels.take(local).to_pylist())
-
-    def code_of(self, item_id: str) -> np.ndarray | None:
-        """The packed code of ``item_id`` if this shard holds it."""
-        row = self._id_index.find(item_id) if self._id_index is not None else None
-        return None if row is None else self._index.reconstruct(row)
 
     def _within(self, query: np.ndarray, radius: int, k: int) -> Hits:
         """Every item at distance <= radius, ranked, first k (faiss's radius is exclusive)."""

@@ -14,6 +14,9 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
+        from serve.app import use_fast_http
+
+        use_fast_http()  # the serve tests run Serve as `hashray serve` does
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     import ray.data
 

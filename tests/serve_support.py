@@ -97,17 +97,18 @@ def free_port() -> int:
 
     A port handed out by ``bind(port=0)`` comes from the ephemeral range, where any of Ray's
     own sockets may take it again between this call and the moment Serve's proxy binds it.
-    Ray's workers use 10002-19999, so 20000-32767 is left to us.
+    Ray's workers use 10002-19999 and Serve's ingress replicas 30000-31000 (HAProxy
+    mode), so 20000-29999 is left to us.
     """
     for _ in range(200):
-        port = random.randrange(20000, 32768)
+        port = random.randrange(20000, 30000)
         with socket.socket() as sock:
             try:
                 sock.bind(("127.0.0.1", port))
             except OSError:
                 continue
             return port
-    raise RuntimeError("no free loopback port in 20000-32767")
+    raise RuntimeError("no free loopback port in 20000-29999")
 
 
 @contextlib.contextmanager

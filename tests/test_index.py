@@ -9,7 +9,7 @@ import pytest
 from models.codes import hamming_distances, topk_by_hamming
 from models.errors import HashrayError
 from pipelines import contracts
-from serve.index import IdIndex, ShardIndex, merge_hits, read_codes_slice, search_shards, slice_bounds
+from serve.index import CodeBook, IdIndex, ShardIndex, merge_hits, read_codes_slice, search_shards, slice_bounds
 
 
 def tied_codes(rng: np.random.Generator, n: int, bytes_per_code: int, pool: int) -> np.ndarray:
@@ -72,14 +72,21 @@ def test_merge_keeps_ids_and_labels_with_their_positions() -> None:
     assert merged.positions.tolist() == [0, 3, 1]
 
 
-def test_code_of_finds_ids_only_in_its_own_slice() -> None:
+def test_code_book_finds_every_id_and_only_those() -> None:
     codes = np.arange(12, dtype=np.uint8).reshape(6, 2)
-    ids = pa.array([f"item-{i}" for i in range(6)])
-    labels = pa.array([[i] for i in range(6)], type=pa.list_(pa.int32()))
-    shard = ShardIndex(codes[3:], start=3, ids=ids[3:], labels=labels[3:])
-    np.testing.assert_array_equal(shard.code_of("item-4"), codes[4])
-    assert shard.code_of("item-1") is None
-    assert shard.code_of("nope") is None
+    ids = pa.chunked_array([[f"item-{i}" for i in (5, 1, 3)], [f"item-{i}" for i in (0, 4, 2)]])
+    book = CodeBook(ids, codes)
+    assert len(book) == 6
+    for row, item_id in enumerate(ids.to_pylist()):
+        np.testing.assert_array_equal(book.code_of(item_id), codes[row])
+    assert book.code_of("item-6") is None
+    assert book.code_of("nope") is None
+    with pytest.raises(HashrayError, match="5 ids but 6 codes"):
+        CodeBook(pa.array(["a"] * 5), codes)
+
+
+def test_shard_rejects_queries_of_the_wrong_width() -> None:
+    shard = ShardIndex(np.arange(12, dtype=np.uint8).reshape(6, 2))
     with pytest.raises(HashrayError, match="shape"):
         shard.topk(np.zeros((1, 3), dtype=np.uint8), 1)
 
