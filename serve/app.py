@@ -3,9 +3,10 @@
 A query image goes ingress (decode, transform) -> Encoder (batched forward
 pass, sign bits) -> every IndexShard (exact top-k of its slice) -> ingress
 (exact merge, ids and class names). A query by id skips the Encoder: the
-ingress keeps every id's code (:class:`serve.index.CodeBook`). ``build_app(cfg)`` builds the application
-and ``app_builder(args)`` is its entry point for ``serve deploy
-serve/config.yaml``; nothing happens at import time.
+ingress keeps every id's code (:class:`serve.index.CodeBook`).
+``build_app(cfg)`` builds the application and ``app_builder(args)`` is its
+entry point for ``serve deploy serve/config.yaml``; nothing happens at import
+time.
 """
 from __future__ import annotations
 

