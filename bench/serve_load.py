@@ -155,6 +155,7 @@ async def load(port: int, clients: int, seconds: float, request: Callable[[rando
     """
     latencies: list[float] = []
     errors: collections.Counter[str] = collections.Counter()
+    resent: list[int] = []  # per client, when it stops
 
     async def client(rng: random.Random) -> None:
         connection = Connection("127.0.0.1", port)
@@ -175,7 +176,6 @@ async def load(port: int, clients: int, seconds: float, request: Callable[[rando
             connection.close()
             resent.append(connection.resent)
 
-    resent: list[int] = []
     warm_up = Connection("127.0.0.1", port)
     status, body = await warm_up.send(request(random.Random(-1)))
     warm_up.close()
