@@ -250,6 +250,9 @@ def _codes_dataset(cfg: EncodeConfig, model_config: Any) -> Any:
     )
     # Same input order -> same files in the same order: reruns are byte-identical.
     images.context.execution_options.preserve_order = True
+    # Decode tasks and encoder actors share the CPUs: Ray Data's per-operator
+    # reservation splits them (preprocess_split turns it off for a lone operator).
+    images.context.op_resource_reservation_enabled = True
     return images.map_batches(
         CodeEncoder,
         fn_constructor_kwargs={

@@ -21,6 +21,7 @@ import logging
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -32,7 +33,7 @@ from torchvision.transforms import v2
 
 from models.errors import HashrayError
 from models.transforms import MAX_PIXELS, BadImage, decode_image, eval_transform
-from pipelines.contracts import multi_hot, resolve, split_files
+from pipelines.contracts import multi_hot, read_dataset_info, resolve, split_files
 
 logger = logging.getLogger(__name__)
 
@@ -144,10 +145,11 @@ def preprocess_split(
 ) -> ray.data.Dataset:
     """A lazy Ray Dataset of one split, read, decoded and transformed by Ray Data tasks.
 
-    Each task reads its own piece of a Parquet file (a run of row groups) and
-    transforms it, so reading, decoding and transforming are one fused stage:
-    the encoded bytes never travel between processes, and no separate read,
-    repartition or projection tasks compete for the CPUs.
+    Each task reads its own piece of the split (a run of row groups, see
+    :func:`split_pieces`) and transforms it, so reading, decoding and
+    transforming are one fused stage: the encoded bytes never travel between
+    processes, and no separate read, repartition or projection tasks compete
+    for the CPUs.
 
     Output columns: ``id`` (str), ``image`` uint8 (3, S, S) (normalise it
     with :func:`models.transforms.normalise`), ``labels`` float32 multi-hot,
@@ -163,9 +165,8 @@ def preprocess_split(
         keep_errors: keep rows that fail to decode (encode lists them as rejects).
     """
     files = split_files(dataset_uri, split)
-    # A few pieces per worker, so that no worker idles while another finishes a whole file.
-    pieces_per_file = max(1, math.ceil(PIECES_PER_WORKER * max_workers / len(files)))
-    pieces = [{"path": path, "piece": piece, "pieces": pieces_per_file} for path in files for piece in range(pieces_per_file)]
+    rows = read_dataset_info(dataset_uri)["splits"][split]
+    pieces = split_pieces(files, max_workers * max(1, math.ceil(rows / (max_workers * MAX_PIECE_ROWS))))
     dataset = ray.data.from_items(pieces, override_num_blocks=len(pieces)).map_batches(
         preprocess_pieces,
         fn_kwargs={"config": config, "num_classes": num_classes, "seed": seed, "batch_size": batch_size, "keep_errors": keep_errors},
@@ -177,11 +178,43 @@ def preprocess_split(
     # Each yielded batch leaves the task as its own block (Ray Data's default
     # gathers 128 MiB first), so the consumer starts after one batch, not a piece.
     dataset.context.target_max_block_size = batch_size * 3 * config.image_size**2
+    # One operator has nothing to share resources with, and Ray Data's per-operator
+    # reservation starts every execution (each epoch) from zero cluster resources
+    # for its first second, so it runs one task where max_workers could run
+    # (bench/preprocess.py: ratio 1.36 with it, 1.50 without). Output stays
+    # bounded without it: Ray Data's downstream-capacity backpressure pauses the
+    # tasks a few blocks ahead of a slow consumer (about 100 MB at 224 px).
+    # Pipelines that add an operator (encode) turn it back on.
+    dataset.context.op_resource_reservation_enabled = False
     return dataset
 
 
-# Tasks per worker that one split is cut into (fewer when its files have fewer row groups).
-PIECES_PER_WORKER = 4
+# Most rows of one task. A split is cut into pieces of equal rows, one per
+# worker, and more only to stay under this. Each task start left its worker
+# idle for 50-700 ms on a busy 2-CPU machine (the driver has to see the last
+# task end and schedule the next): with 4 pieces per worker the bench ratio was
+# 1.42, with one 1.50. Equal pieces, a multiple of max_workers, end together.
+# The cap keeps a failed task's retry, and one worker's lead at the end of an
+# epoch, to a minute or so of work.
+MAX_PIECE_ROWS = 20_000
+
+
+def split_pieces(files: list[str], pieces: int) -> list[dict[str, Any]]:
+    """Cut a split's files into ``pieces`` runs of about equal rows, at row-group boundaries.
+
+    The files are laid end to end, each one unit long (ingest writes files of
+    equal rows, save the last), and piece ``k`` is the stretch
+    ``[k, k + 1) * len(files) / pieces`` of that line: a piece may take a whole
+    file, part of one, or the end of one and the start of the next. Which row
+    groups fall in it is decided by the task that reads the file's footer
+    (:func:`read_piece`), so planning reads no file here.
+    """
+    count = len(files)
+    plan = []
+    for piece in range(pieces):
+        first, end = piece * count // pieces, -(-(piece + 1) * count // pieces)  # files [first, end) overlap the piece
+        plan.append({"paths": files[first:end], "first_file": first, "files": count, "piece": piece, "pieces": pieces})
+    return plan
 
 
 def preprocess_pieces(
@@ -196,22 +229,30 @@ def preprocess_pieces(
     """
     preprocessor = _process_preprocessor(config, num_classes, seed)
     for piece in pieces.to_pylist():
-        for rows in read_piece(piece["path"], piece["piece"], piece["pieces"], batch_size):
+        for path, rows in read_piece(piece, batch_size):
             batch = preprocessor(rows)
-            yield batch if keep_errors else _without_errors(batch, piece["path"])
+            yield batch if keep_errors else _without_errors(batch, path)
 
 
-def read_piece(path: str, piece: int, pieces: int, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-    """Rows ``id``, ``image``, ``labels`` of piece ``piece`` of ``pieces`` of a Parquet file (contiguous row groups)."""
-    filesystem, file_path = resolve(path)
-    with filesystem.open_input_file(file_path) as source:
-        parquet = pq.ParquetFile(source)
-        groups = parquet.metadata.num_row_groups
-        mine = list(range(piece * groups // pieces, (piece + 1) * groups // pieces))
-        if not mine:
-            return
-        for record_batch in parquet.iter_batches(batch_size=batch_size, row_groups=mine, columns=["id", "image", "labels"]):
-            yield {name: record_batch.column(name).to_numpy(zero_copy_only=False) for name in ("id", "image", "labels")}
+def read_piece(piece: dict[str, Any], batch_size: int) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
+    """(path, rows ``id``, ``image``, ``labels``) of one piece of :func:`split_pieces`, ``batch_size`` rows at a time.
+
+    Row group ``g`` of ``G`` in file ``f`` of ``F`` sits at ``f + (g + 0.5) / G``
+    on the line of files; it belongs to the piece whose stretch holds that
+    point. Integer arithmetic, so every row group lands in exactly one piece.
+    """
+    pieces, files = piece["pieces"], piece["files"]
+    for offset, path in enumerate(piece["paths"]):
+        file_index = piece["first_file"] + offset
+        filesystem, file_path = resolve(path)
+        with filesystem.open_input_file(file_path) as source:
+            parquet = pq.ParquetFile(source)
+            groups = parquet.metadata.num_row_groups
+            mine = [g for g in range(groups) if (2 * file_index * groups + 2 * g + 1) * pieces // (2 * files * groups) == piece["piece"]]
+            if not mine:
+                continue
+            for record_batch in parquet.iter_batches(batch_size=batch_size, row_groups=mine, columns=["id", "image", "labels"]):
+                yield path, {name: record_batch.column(name).to_numpy(zero_copy_only=False) for name in ("id", "image", "labels")}
 
 
 def _without_errors(batch: dict[str, np.ndarray], path: str) -> dict[str, np.ndarray]:

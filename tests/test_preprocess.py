@@ -13,7 +13,8 @@ from PIL import Image
 from models.errors import HashrayError
 from models.network import IMAGENET_MEAN, IMAGENET_STD
 from models.transforms import BadImage, decode_image, normalise
-from pipelines.preprocess import PreprocessConfig, Preprocessor, preprocess_split, read_piece
+from pipelines import preprocess
+from pipelines.preprocess import PreprocessConfig, Preprocessor, preprocess_split, read_piece, split_pieces
 from pipelines.synthetic import synthetic_example
 
 
@@ -116,23 +117,25 @@ def test_preprocess_split_feeds_iter_torch_batches(tiny_dataset):
     assert (labels.sum(dim=1) >= 1).all() and images.float().std() > 20
 
 
-def test_file_pieces_cover_every_row_once_in_order(tmp_path):
-    ids = [f"r{i}" for i in range(10)]
-    table = pa.table({"id": ids, "image": [jpeg(i) for i in range(10)], "labels": [[i % 3] for i in range(10)]})
-    path = str(tmp_path / "part.parquet")
-    pq.write_table(table, path, row_group_size=3)  # 4 row groups: 3 + 3 + 3 + 1 rows
-    for pieces in (1, 2, 3, 4, 7):
-        read = [
-            row_id
-            for piece in range(pieces)
-            for rows in read_piece(path, piece, pieces, batch_size=2)
-            for row_id in rows["id"]
-        ]
-        assert read == ids, pieces
+def test_pieces_cover_every_row_once_in_order_and_evenly(tmp_path):
+    """Files of 4 row groups (3 + 3 + 3 + 1 rows) cut into more and fewer pieces than there are files or row groups."""
+    files, ids = [], []
+    for part in range(3):
+        part_ids = [f"r{part}-{i}" for i in range(10)]
+        table = pa.table({"id": part_ids, "image": [jpeg(i) for i in range(10)], "labels": [[i % 3] for i in range(10)]})
+        files.append(str(tmp_path / f"part-{part}.parquet"))
+        pq.write_table(table, files[-1], row_group_size=3)
+        ids += part_ids
+    for pieces in (1, 2, 3, 4, 5, 12, 20):
+        per_piece = [[row_id for _, rows in read_piece(piece, batch_size=2) for row_id in rows["id"]] for piece in split_pieces(files, pieces)]
+        assert [row_id for piece in per_piece for row_id in piece] == ids, pieces
+        if pieces <= 12:  # no more pieces than row groups: the rows differ by one row group at most
+            sizes = [len(piece) for piece in per_piece]
+            assert max(sizes) - min(sizes) <= 3, (pieces, sizes)
 
 
-def test_preprocess_split_keeps_or_drops_rows_that_do_not_decode(tiny_dataset, tmp_path):
-    """A split of several files with small row groups and one bad row, read in more pieces than row groups."""
+def test_preprocess_split_keeps_or_drops_rows_that_do_not_decode(tiny_dataset, tmp_path, monkeypatch):
+    """A split of 3 files (7 row groups) with one bad row, read in 2 pieces that span files, then in 8 pieces."""
     import shutil
 
     from pipelines.contracts import read_dataset_info
@@ -156,6 +159,7 @@ def test_preprocess_split_keeps_or_drops_rows_that_do_not_decode(tiny_dataset, t
     assert [row["id"] for row in rows] == table.column("id").to_pylist()
     assert [bool(row["error"]) for row in rows] == [i == 5 for i in range(table.num_rows)]
 
+    monkeypatch.setattr(preprocess, "MAX_PIECE_ROWS", 3)  # 24 rows, 2 workers -> 8 pieces, more than row groups
     dropped = preprocess_split(str(data), "query", PreprocessConfig(image_size=32), num_classes, batch_size=3, keep_errors=False)
     batches = list(dropped.iter_torch_batches(batch_size=8))
     assert all(set(batch) == {"image", "labels"} for batch in batches)
