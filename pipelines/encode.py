@@ -247,12 +247,10 @@ def _codes_dataset(cfg: EncodeConfig, model_config: Any) -> Any:
         cfg.data, cfg.split, preprocess, len(model_config.classes), batch_size=cfg.batch_size,
         num_cpus=cfg.decode_cpus,
         max_workers=cfg.decode_workers,
+        share_cpus=True,  # with the encoder actors
     )
     # Same input order -> same files in the same order: reruns are byte-identical.
     images.context.execution_options.preserve_order = True
-    # Decode tasks and encoder actors share the CPUs: Ray Data's per-operator
-    # reservation splits them (preprocess_split turns it off for a lone operator).
-    images.context.op_resource_reservation_enabled = True
     return images.map_batches(
         CodeEncoder,
         fn_constructor_kwargs={

@@ -142,6 +142,7 @@ def preprocess_split(
     seed: int | None = None,
     max_workers: int = 2,
     keep_errors: bool = True,
+    share_cpus: bool = False,
 ) -> ray.data.Dataset:
     """A lazy Ray Dataset of one split, read, decoded and transformed by Ray Data tasks.
 
@@ -163,6 +164,10 @@ def preprocess_split(
         seed: augmentation seed (train mode), see :class:`Preprocessor`.
         max_workers: most tasks running at once.
         keep_errors: keep rows that fail to decode (encode lists them as rejects).
+        share_cpus: the dataset runs beside other Ray work that needs the same
+            CPUs (encoder actors, training workers). Ray Data's per-operator
+            resource reservation then keeps the tasks within what the others
+            leave. Off for a lone consumer, which gets every task at once.
     """
     files = split_files(dataset_uri, split)
     rows = read_dataset_info(dataset_uri)["splits"][split]
@@ -178,14 +183,16 @@ def preprocess_split(
     # Each yielded batch leaves the task as its own block (Ray Data's default
     # gathers 128 MiB first), so the consumer starts after one batch, not a piece.
     dataset.context.target_max_block_size = batch_size * 3 * config.image_size**2
-    # One operator has nothing to share resources with, and Ray Data's per-operator
-    # reservation starts every execution (each epoch) from zero cluster resources
-    # for its first second, so it runs one task where max_workers could run
-    # (bench/preprocess.py: ratio 1.36 with it, 1.50 without). Output stays
-    # bounded without it: Ray Data's downstream-capacity backpressure pauses the
-    # tasks a few blocks ahead of a slow consumer (about 100 MB at 224 px).
-    # Pipelines that add an operator (encode) turn it back on.
-    dataset.context.op_resource_reservation_enabled = False
+    # Ray Data's per-operator reservation starts every execution (each epoch)
+    # from zero cluster resources for its first second, so a lone consumer gets
+    # one task where max_workers could run (bench/preprocess.py: ratio 1.36 with
+    # it, 1.50 without). Beside training workers it is worth its cost: Ray Train
+    # tells it which CPUs the workers hold, and on 2 CPUs the data tasks then
+    # stay off the worker's core (bench/train.py: ratio 0.98 with it, 0.92
+    # without). Without it, output stays bounded all the same:
+    # Ray Data's downstream-capacity backpressure pauses the tasks a few blocks
+    # ahead of a slow consumer (about 100 MB at 224 px).
+    dataset.context.op_resource_reservation_enabled = share_cpus
     return dataset
 
 

@@ -238,6 +238,7 @@ def build_datasets(cfg: TrainConfig, num_classes: int) -> dict[str, Any]:
         dataset = preprocess_split(
             cfg.data, split, PreprocessConfig(image_size=cfg.image_size, train=train), num_classes,
             batch_size=cfg.batch_size, num_cpus=cfg.data_cpus, seed=cfg.seed, max_workers=cfg.data_workers, keep_errors=False,
+            share_cpus=True,  # with the training workers
         )
         return dataset.limit(limit) if limit else dataset
 
