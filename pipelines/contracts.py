@@ -125,7 +125,18 @@ def parquet_files(uri: str) -> list[str]:
 
 
 def now_iso() -> str:
-    return datetime.now(timezone.utc).replace(microsecond=0).isoformat()
+    """The current UTC time to the second, for the ``created`` fields of dataset.json and manifests.
+
+    ``SOURCE_DATE_EPOCH`` (the reproducible-builds convention), when set,
+    stands in for the clock, so a rerun can write a byte-identical directory.
+    """
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    if not epoch:
+        return datetime.now(timezone.utc).replace(microsecond=0).isoformat()
+    try:
+        return datetime.fromtimestamp(int(epoch), timezone.utc).isoformat()
+    except (ValueError, OverflowError, OSError) as error:
+        raise HashrayError(f"SOURCE_DATE_EPOCH={epoch!r} is not a time in whole seconds since 1970") from error
 
 
 # ---------------------------------------------------------------- dataset dir

@@ -138,6 +138,7 @@ def run(cfg: IngestConfig) -> dict[str, Any]:
             or any bad row under ``strict``.
     """
     check_config(cfg)
+    created = now_iso()  # the start of the ingest; a bad SOURCE_DATE_EPOCH fails here, before any work
     cfg = dataclasses.replace(cfg, out=absolute(cfg.out), root=None if cfg.root is None else absolute(cfg.root))
     plan = _plan(cfg)
     if cfg.strict and plan.rejected:
@@ -154,7 +155,7 @@ def run(cfg: IngestConfig) -> dict[str, Any]:
         raise HashrayError(_strict_message(rejected))
     write_json(
         join(cfg.out, DATASET_JSON),
-        {"name": plan.name, "classes": plan.classes, "splits": summary["splits"], "created": now_iso(), "source": cfg.source},
+        {"name": plan.name, "classes": plan.classes, "splits": summary["splits"], "created": created, "source": cfg.source},
     )
     return summary
 

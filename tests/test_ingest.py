@@ -190,6 +190,22 @@ def test_synthetic_is_deterministic_and_train_is_a_subset_of_database(tiny_datas
     assert (Path(tiny_dataset) / "rejects.jsonl").read_text() == ""
 
 
+def test_same_seed_and_source_date_epoch_give_a_byte_identical_dataset_dir(ray_session, tmp_path, monkeypatch):
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    dirs = [tmp_path / name for name in ("one", "two")]
+    for out in dirs:
+        run(IngestConfig(source="synthetic", out=str(out), train=8, query=4, database=16, image_size=32, num_classes=4, seed=3))
+    files = sorted(str(p.relative_to(dirs[0])) for p in dirs[0].rglob("*") if p.is_file())
+    assert "dataset.json" in files and len(files) > 4
+    assert files == sorted(str(p.relative_to(dirs[1])) for p in dirs[1].rglob("*") if p.is_file())
+    assert all((dirs[0] / f).read_bytes() == (dirs[1] / f).read_bytes() for f in files)
+    assert read_dataset_info(str(dirs[0]))["created"] == "2023-11-14T22:13:20+00:00"
+
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "yesterday")
+    with pytest.raises(HashrayError, match="SOURCE_DATE_EPOCH='yesterday'"):
+        run(IngestConfig(source="synthetic", out=str(tmp_path / "three"), train=8, query=4, database=16, image_size=32, num_classes=4))
+
+
 def test_reingest_replaces_a_dataset_but_never_a_foreign_dir(ray_session, image_root, tmp_path):
     lists = write_lists(image_root)
     out = tmp_path / "ds"
