@@ -38,6 +38,8 @@ logger = logging.getLogger(__name__)
 
 # Actors drop rejects here while the job runs; merged into rejects.jsonl at the end.
 REJECTS_PARTS = "_rejects"
+# Preprocessing pieces per encoder actor (see _codes_dataset).
+PIECES_PER_ACTOR = 4
 
 
 @dataclass(frozen=True)
@@ -248,6 +250,10 @@ def _codes_dataset(cfg: EncodeConfig, model_config: Any) -> Any:
         num_cpus=cfg.decode_cpus,
         max_workers=cfg.decode_workers,
         share_cpus=True,  # with the encoder actors
+        # Ray Data fuses decoding into the encoder actors, which then share the
+        # pieces, and keeps their order (a later piece's output waits for the
+        # earlier ones): a few pieces per actor keep every actor busy.
+        min_pieces=PIECES_PER_ACTOR * max(cfg.pool_size, cfg.decode_workers),
     )
     # Same input order -> same files in the same order: reruns are byte-identical.
     images.context.execution_options.preserve_order = True

@@ -143,6 +143,7 @@ def preprocess_split(
     max_workers: int = 2,
     keep_errors: bool = True,
     share_cpus: bool = False,
+    min_pieces: int = 1,
 ) -> ray.data.Dataset:
     """A lazy Ray Dataset of one split, read, decoded and transformed by Ray Data tasks.
 
@@ -168,10 +169,14 @@ def preprocess_split(
             CPUs (encoder actors, training workers). Ray Data's per-operator
             resource reservation then keeps the tasks within what the others
             leave. Off for a lone consumer, which gets every task at once.
+        min_pieces: cut the split into at least this many pieces (else one
+            per worker): for a consumer that spreads the pieces itself, as
+            encode's actor pool does once Ray Data fuses decoding into it.
     """
     files = split_files(dataset_uri, split)
     rows = read_dataset_info(dataset_uri)["splits"][split]
-    pieces = split_pieces(files, max_workers * max(1, math.ceil(rows / (max_workers * MAX_PIECE_ROWS))))
+    least = max(max_workers, min_pieces)
+    pieces = split_pieces(files, least * max(1, math.ceil(rows / (least * MAX_PIECE_ROWS))))
     dataset = ray.data.from_items(pieces, override_num_blocks=len(pieces)).map_batches(
         preprocess_pieces,
         fn_kwargs={"config": config, "num_classes": num_classes, "seed": seed, "batch_size": batch_size, "keep_errors": keep_errors},
@@ -197,10 +202,10 @@ def preprocess_split(
 
 
 # Most rows of one task. A split is cut into pieces of equal rows, one per
-# worker, and more only to stay under this. Each task start left its worker
+# worker (or min_pieces), and more only to stay under this. Each task start left its worker
 # idle for 50-700 ms on a busy 2-CPU machine (the driver has to see the last
 # task end and schedule the next): with 4 pieces per worker the bench ratio was
-# 1.42, with one 1.50. Equal pieces, a multiple of max_workers, end together.
+# 1.42, with one 1.50. Equal pieces, a multiple of the workers, end together.
 # The cap keeps a failed task's retry, and one worker's lead at the end of an
 # epoch, to a minute or so of work.
 MAX_PIECE_ROWS = 20_000
