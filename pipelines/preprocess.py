@@ -194,20 +194,20 @@ def preprocess_split(
     # it, 1.50 without). Beside training workers it is worth its cost: Ray Train
     # tells it which CPUs the workers hold, and on 2 CPUs the data tasks then
     # stay off the worker's core (bench/train.py: ratio 0.98 with it, 0.92
-    # without). Without it, output stays bounded all the same:
-    # Ray Data's downstream-capacity backpressure pauses the tasks a few blocks
-    # ahead of a slow consumer (about 100 MB at 224 px).
+    # without). Without it, output stays bounded all the same: Ray Data's
+    # downstream-capacity backpressure pauses the tasks a few blocks ahead of a
+    # slow consumer (about 100 MB at 224 px).
     dataset.context.op_resource_reservation_enabled = share_cpus
     return dataset
 
 
 # Most rows of one task. A split is cut into pieces of equal rows, one per
-# worker (or min_pieces), and more only to stay under this. Each task start left its worker
-# idle for 50-700 ms on a busy 2-CPU machine (the driver has to see the last
-# task end and schedule the next): with 4 pieces per worker the bench ratio was
-# 1.42, with one 1.50. Equal pieces, a multiple of the workers, end together.
-# The cap keeps a failed task's retry, and one worker's lead at the end of an
-# epoch, to a minute or so of work.
+# worker (or min_pieces), and more only to stay under this. Each task start
+# left its worker idle for 50-700 ms on a busy 2-CPU machine (the driver has to
+# see the last task end and schedule the next): with 4 pieces per worker the
+# bench ratio was 1.42, with one 1.50. Equal pieces, a multiple of the workers,
+# end together. The cap keeps a failed task's retry, and one worker's lead at
+# the end of an epoch, to a minute or so of work.
 MAX_PIECE_ROWS = 20_000
 
 
