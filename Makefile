@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 TORCH  := torch==2.14.1 torchvision==0.29.1
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test install browser clean
+.PHONY: demo test lint install browser clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,8 +21,14 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/hashray demo
 
-test: $(STAMP) browser
+test: lint browser
 	$(BIN)/python -m pytest -q
+
+# The formatter and the linter (ruff, configured in pyproject.toml): a change
+# that is not formatted, or that leaves an unused import, fails the tests.
+lint: $(STAMP)
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
 
 # The web page's test drives Debian's chromium headless; install it when missing.
 # A failed install only warns: that one test then reports chromium as missing.

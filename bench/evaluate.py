@@ -1,12 +1,13 @@
 """Benchmark: seconds to evaluate 2,000 queries against 1,000,000 random 64-bit codes.
 
-Prints our figure (``pipelines.evaluate.evaluate_codes``: chunked Hamming
+Prints our figure (``models.metrics.evaluate_codes``: chunked Hamming
 ranking + every metric and curve) next to a naive reference on a subset of
 the queries (full ``np.argsort(kind="stable")`` per query, as the published
 DPSH/HashNet evaluation scripts do, extrapolated to all queries), and the ratio.
 
     .venv/bin/python bench/evaluate.py [--queries 2000] [--database 1000000] [--bits 64]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,7 +21,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.codes import hamming_distances  # noqa: E402
-from pipelines.evaluate import average_precision, evaluate_codes  # noqa: E402
+from models.metrics import average_precision, evaluate_codes  # noqa: E402
 
 TARGET_SECONDS = 30.0
 
@@ -66,10 +67,14 @@ def main() -> None:
     started = time.perf_counter()
     metrics = evaluate_codes(query_codes, query_words, db_codes, db_words, topk=args.topk)
     ours = time.perf_counter() - started
-    naive = args.queries * naive_seconds_per_query(query_codes, query_words, db_codes, db_words, args.topk, args.naive_sample)
+    naive = args.queries * naive_seconds_per_query(
+        query_codes, query_words, db_codes, db_words, args.topk, args.naive_sample
+    )
 
     print(f"{args.queries} queries x {args.database} codes, {args.bits} bits, K={args.topk}, {args.classes} classes")
-    print(f"  {'hashray evaluate (all metrics + curves)':<44} {ours:8.1f} s   (target < {TARGET_SECONDS:.0f} s: {'met' if ours < TARGET_SECONDS else 'NOT met'})")
+    print(
+        f"  {'hashray evaluate (all metrics + curves)':<44} {ours:8.1f} s   (target < {TARGET_SECONDS:.0f} s: {'met' if ours < TARGET_SECONDS else 'NOT met'})"
+    )
     print(f"  {'naive argsort loop (mAP only, extrapolated)':<44} {naive:8.1f} s")
     print(f"  {'speed-up':<44} {naive / ours:8.1f} x")
     print(f"  mAP of random codes: {metrics['mAP']:.4f}")

@@ -9,11 +9,13 @@ faiss ``IndexBinaryFlat`` over the same codes, one query at a time as served.
 
     python bench/serve_load.py [--codes 1000000] [--clients 8] [--seconds 15] [--shards 1]
 """
+
 from __future__ import annotations
 
 import argparse
 import asyncio
 import collections
+import io
 import random
 import tempfile
 import time
@@ -26,64 +28,92 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 import torch
+from PIL import Image, ImageDraw
 from ray import serve
 
+from contracts.codes import codes_table, write_manifest
+from contracts.dataset import DATASET_SCHEMA, write_dataset_info
+from contracts.fs import now_iso
 from models.network import HashNetConfig, ResNetHash
-from pipelines import contracts
-from pipelines.synthetic import synthetic_classes, synthetic_example
-from serve.app import ServeConfig, build_app, use_fast_http
+from serve.app import build_app
+from serve.config import ServeConfig
 from serve.index import ShardIndex, search_shards, slice_bounds
+from serve.start import use_fast_http
 
 INDEX_ROUNDS = 9
-TARGETS = "targets (issue 5): 0 errors; GET /search/{id} p50 <= 20 ms, p99 <= 100 ms at the client count above; index ratio >= 0.8"
+SAMPLE_IMAGES = 16  # stored images of the small dataset dir, posted by POST /search
+TARGETS = (
+    "targets: 0 errors; GET /search/{id} p50 <= 20 ms, p99 <= 100 ms at the client count above; index ratio >= 0.8"
+)
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--codes", type=int, default=1_000_000, help="database size")
     parser.add_argument("--bits", type=int, default=64, help="code length")
-    parser.add_argument("--shards", type=int, default=ServeConfig.shards, help="index shard replicas (default: as `hashray serve`)")
+    parser.add_argument(
+        "--shards", type=int, default=ServeConfig.shards, help="index shard replicas (default: as `hashray serve`)"
+    )
     parser.add_argument("--clients", type=int, default=8, help="concurrent clients")
     parser.add_argument("--seconds", type=float, default=15.0, help="load time per endpoint")
     parser.add_argument("--k", type=int, default=10, help="results per query")
     parser.add_argument("--index-queries", type=int, default=300, help="queries for the in-process index timing")
-    parser.add_argument("--index-threads", type=int, default=1, help="faiss threads in the in-process timing (a serving shard replica gets OMP_NUM_THREADS=1 from Ray)")
+    parser.add_argument(
+        "--index-threads",
+        type=int,
+        default=1,
+        help="faiss threads in the in-process timing (a serving shard replica gets OMP_NUM_THREADS=1 from Ray)",
+    )
     parser.add_argument("--image-size", type=int, default=64, help="model input size for POST /search")
     parser.add_argument("--port", type=int, default=8321, help="loopback port")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     return parser.parse_args()
 
 
+def sample_image(rng: np.random.Generator, size: int) -> bytes:
+    """A JPEG of a few coloured shapes on a coloured ground: what a stored photo costs to decode."""
+    image = Image.new("RGB", (size, size), tuple(int(v) for v in rng.integers(0, 256, 3)))
+    draw = ImageDraw.Draw(image)
+    for _ in range(3):
+        x, y = (int(v) for v in rng.integers(0, size * 3 // 4, 2))
+        side = int(rng.integers(size // 8, size // 2))
+        draw.ellipse((x, y, x + side, y + side), fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
 def make_inputs(root: Path, args: argparse.Namespace, codes: np.ndarray) -> tuple[str, str, str, list[bytes]]:
     """Run dir, codes dir and a small dataset dir (a few stored images, the class names)."""
-    classes = synthetic_classes(10)
+    classes = [f"class-{i}" for i in range(10)]
     torch.manual_seed(args.seed)
-    config = HashNetConfig(arch="resnet18", bits=args.bits, image_size=args.image_size, classes=tuple(classes), loss="cosine")
-    contracts.save_model(str(root / "run"), ResNetHash(config.arch, config.bits).eval(), config)
+    config = HashNetConfig(
+        arch="resnet18", bits=args.bits, image_size=args.image_size, classes=tuple(classes), loss="cosine"
+    )
+    ResNetHash.from_config(config).save(root / "run")
 
     rng = np.random.default_rng(args.seed)
     labels = pa.array(list(rng.integers(0, len(classes), size=(len(codes), 1))), type=pa.list_(pa.int32()))
-    table = pa.table(
-        {"id": [f"item-{i:07d}" for i in range(len(codes))], "code": pa.FixedSizeBinaryArray.from_buffers(pa.binary(args.bits // 8), len(codes), [None, pa.py_buffer(codes.tobytes())]), "labels": labels},
-        schema=contracts.codes_schema(args.bits),
-    )
+    table = codes_table([f"item-{i:07d}" for i in range(len(codes))], codes, labels)
     codes_dir = root / "codes"
     codes_dir.mkdir()
     for part, (a, b) in enumerate(slice_bounds(len(codes), 4)):
         pq.write_table(table.slice(a, b - a), codes_dir / f"part-{part}.parquet")
-    contracts.write_manifest(str(codes_dir), bits=args.bits, count=len(codes), model="bench", dataset="bench", split="database")
+    write_manifest(str(codes_dir), bits=args.bits, count=len(codes), model="bench", dataset="bench", split="database")
 
-    examples = [synthetic_example(i, split="database", seed=args.seed, image_size=args.image_size, num_classes=len(classes)) for i in range(16)]
-    images = [image for image, _ in examples]
+    images = [sample_image(rng, args.image_size) for _ in range(SAMPLE_IMAGES)]
     database = pa.table(
-        {"id": [f"item-{i:07d}" for i in range(len(examples))], "image": images, "labels": [lab for _, lab in examples]},
-        schema=contracts.DATASET_SCHEMA,
+        {
+            "id": [f"item-{i:07d}" for i in range(len(images))],
+            "image": images,
+            "labels": [[int(v)] for v in rng.integers(0, len(classes), size=len(images))],
+        },
+        schema=DATASET_SCHEMA,
     )
     (root / "data" / "database").mkdir(parents=True)
     pq.write_table(database, root / "data" / "database" / "part-0.parquet")
-    contracts.write_json(
-        str(root / "data" / contracts.DATASET_JSON),
-        {"name": "bench", "classes": classes, "splits": {"database": len(examples)}, "created": contracts.now_iso()},
+    write_dataset_info(
+        str(root / "data"), name="bench", classes=classes, splits={"database": len(images)}, created=now_iso()
     )
     return str(root / "run"), str(codes_dir), str(root / "data"), images
 
@@ -122,7 +152,9 @@ class Connection:
                     raise
                 self.resent += 1
         status = int(head[9:12])
-        length = next((int(line[15:]) for line in head.lower().split(b"\r\n") if line.startswith(b"content-length:")), 0)
+        length = next(
+            (int(line[15:]) for line in head.lower().split(b"\r\n") if line.startswith(b"content-length:")), 0
+        )
         return status, await self.reader.readexactly(length)
 
     def close(self) -> None:
@@ -142,13 +174,17 @@ def http_request(method: str, path: str, body: bytes = b"", content_type: str = 
 def multipart_image(image: bytes, boundary: str = "hashray-bench-boundary") -> tuple[bytes, str]:
     """(body, content type) of a multipart form whose field ``image`` holds ``image``."""
     body = (
-        f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"q.jpg\"\r\n"
-        f"Content-Type: image/jpeg\r\n\r\n".encode() + image + f"\r\n--{boundary}--\r\n".encode()
+        f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="q.jpg"\r\n'
+        f"Content-Type: image/jpeg\r\n\r\n".encode()
+        + image
+        + f"\r\n--{boundary}--\r\n".encode()
     )
     return body, f"multipart/form-data; boundary={boundary}"
 
 
-async def load(port: int, clients: int, seconds: float, request: Callable[[random.Random], bytes]) -> tuple[list[float], collections.Counter, float, int]:
+async def load(
+    port: int, clients: int, seconds: float, request: Callable[[random.Random], bytes]
+) -> tuple[list[float], collections.Counter, float, int]:
     """C clients in a closed loop for ``seconds``: latencies (ms) of 200 answers, errors by kind, wall time, requests resent.
 
     ``request(rng)`` gives the bytes of each client's next request.
@@ -189,17 +225,28 @@ async def load(port: int, clients: int, seconds: float, request: Callable[[rando
 
 def report(name: str, latencies: list[float], errors: collections.Counter, wall: float, resent: int) -> None:
     p50, p99 = np.percentile(latencies, [50, 99]) if latencies else (float("nan"),) * 2
-    print(f"{name:<22} {len(latencies) / wall:8.1f} QPS   p50 {p50:7.1f} ms   p99 {p99:7.1f} ms   errors {sum(errors.values())}")
+    print(
+        f"{name:<22} {len(latencies) / wall:8.1f} QPS   p50 {p50:7.1f} ms   p99 {p99:7.1f} ms   errors {sum(errors.values())}"
+    )
     for kind, count in errors.most_common(5):
         print(f"    {count} x {kind}")
     if resent:
-        print(f"    ({resent} sent again after the server closed a kept-alive connection; their latency includes both tries)")
+        print(
+            f"    ({resent} sent again after the server closed a kept-alive connection; their latency includes both tries)"
+        )
 
 
 def http_benchmark(args: argparse.Namespace, run: str, codes_dir: str, data: str, images: list[bytes]) -> None:
     cfg = ServeConfig(
-        run=run, codes=codes_dir, data=data, shards=args.shards, port=args.port,
-        encoder_cpus=0.5, shard_cpus=0.25, ingress_cpus=0.25, app_name="hashray-bench",
+        run=run,
+        codes=codes_dir,
+        data=data,
+        shards=args.shards,
+        port=args.port,
+        encoder_cpus=0.5,
+        shard_cpus=0.25,
+        ingress_cpus=0.25,
+        app_name="hashray-bench",
     )
     serve.start(http_options={"host": "127.0.0.1", "port": args.port})
     started = time.perf_counter()
@@ -249,7 +296,9 @@ def index_benchmark(args: argparse.Namespace, codes: np.ndarray) -> None:
                 search(chunk[row : row + 1])
             rounds[name].append((time.perf_counter() - started) / len(chunk) * 1000)
     ours_ms, faiss_ms = (float(np.median(times)) for times in rounds.values())
-    print(f"in-process search, {len(codes)} codes, k={args.k}, one query per call, {faiss.omp_get_max_threads()} faiss threads:")
+    print(
+        f"in-process search, {len(codes)} codes, k={args.k}, one query per call, {faiss.omp_get_max_threads()} faiss threads:"
+    )
     for name, ms in zip(searches, (ours_ms, faiss_ms)):
         print(f"  {name:<24} {ms:7.3f} ms/query (median of {INDEX_ROUNDS} rounds)")
     print(f"  ratio (faiss / ours)     {faiss_ms / ours_ms:7.2f}")

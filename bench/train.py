@@ -15,6 +15,7 @@ includes the start of each epoch's Ray Data pipeline and the checkpoint.
 With --gpu: one GPU, bf16 autocast and channels_last on both sides (use
 --arch resnet50 --image-size 224 for the GPU figure of the README).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,13 +33,16 @@ import pyarrow.parquet as pq  # noqa: E402
 import ray  # noqa: E402
 import torch  # noqa: E402
 
+from contracts.dataset import DATASET_JSON, DatasetDir  # noqa: E402
+from contracts.fs import exists, join  # noqa: E402
 from models.loss import build_loss  # noqa: E402
 from models.network import ResNetHash  # noqa: E402
-from pipelines.contracts import exists, join, read_dataset_info, split_files  # noqa: E402
+from models.transforms import model_input  # noqa: E402
 from pipelines.ingest import IngestConfig  # noqa: E402
 from pipelines.ingest import run as ingest  # noqa: E402
 from pipelines.preprocess import PreprocessConfig, Preprocessor  # noqa: E402
-from pipelines.train import TrainConfig, build_optimizer, model_input, run  # noqa: E402
+from pipelines.train import TrainConfig, net_config, run  # noqa: E402
+from pipelines.train_loop import build_optimizer  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -64,18 +68,37 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def ensure_dataset(args: argparse.Namespace) -> dict:
-    if not exists(join(args.dataset, "dataset.json")):
-        ingest(IngestConfig(source="synthetic", out=args.dataset, train=args.rows, query=1, database=args.rows,
-                            image_size=args.source_size, num_classes=8))
-    return read_dataset_info(args.dataset)
+def ensure_dataset(args: argparse.Namespace) -> DatasetDir:
+    if not exists(join(args.dataset, DATASET_JSON)):
+        ingest(
+            IngestConfig(
+                source="synthetic",
+                out=args.dataset,
+                train=args.rows,
+                query=1,
+                database=args.rows,
+                image_size=args.source_size,
+                num_classes=8,
+            )
+        )
+    return DatasetDir.open(args.dataset)
 
 
 def config(args: argparse.Namespace, run_dir: str) -> TrainConfig:
     return TrainConfig(
-        data=args.dataset, run=run_dir, arch=args.arch, bits=args.bits, epochs=args.epochs, batch_size=args.batch_size,
-        loss=args.loss, gpu=args.gpu, cpus_per_worker=args.cpus_per_worker, data_cpus=args.data_cpus,
-        data_workers=args.data_workers, image_size=args.image_size, val_queries=0,
+        data=args.dataset,
+        run=run_dir,
+        arch=args.arch,
+        bits=args.bits,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        loss=args.loss,
+        gpu=args.gpu,
+        cpus_per_worker=args.cpus_per_worker,
+        data_cpus=args.data_cpus,
+        data_workers=args.data_workers,
+        image_size=args.image_size,
+        val_queries=0,
     )
 
 
@@ -87,24 +110,29 @@ def with_hashray(args: argparse.Namespace) -> tuple[list[float], list[float]]:
     return [epoch["images_per_s"] for epoch in history], [epoch["data_wait_s"] for epoch in history]
 
 
-def decoded_train_split(args: argparse.Namespace, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+def decoded_train_split(args: argparse.Namespace, dataset: DatasetDir) -> tuple[torch.Tensor, torch.Tensor]:
     """The train split as (images, multi-hot labels) tensors, transformed once."""
-    preprocess = Preprocessor(PreprocessConfig(image_size=args.image_size, train=True), num_classes, seed=0)
+    preprocess = Preprocessor(PreprocessConfig(image_size=args.image_size, train=True), len(dataset.classes), seed=0)
     images, labels = [], []
-    for path in split_files(args.dataset, "train"):
+    for path in dataset.split_files("train"):
         for record_batch in pq.ParquetFile(path).iter_batches(batch_size=args.batch_size):
-            out = preprocess({name: record_batch.column(name).to_numpy(zero_copy_only=False) for name in ("id", "image", "labels")})
+            out = preprocess(
+                {name: record_batch.column(name).to_numpy(zero_copy_only=False) for name in ("id", "image", "labels")}
+            )
             images.append(torch.from_numpy(out["image"]))
             labels.append(torch.from_numpy(out["labels"]))
     return torch.cat(images), torch.cat(labels)
 
 
-def plain_loop(args: argparse.Namespace, images: torch.Tensor, labels: torch.Tensor) -> list[float]:
+def plain_loop(
+    args: argparse.Namespace, dataset: DatasetDir, images: torch.Tensor, labels: torch.Tensor
+) -> list[float]:
     """Images/s of every epoch of the textbook loop over in-memory tensors."""
     cfg = config(args, "")
+    net = net_config(cfg, dataset.classes)  # the same network and input normalisation as the Ray side
     device = torch.device("cuda" if args.gpu else "cpu")
     torch.manual_seed(cfg.seed)
-    model = ResNetHash(cfg.arch, cfg.bits).to(device)
+    model = ResNetHash.from_config(net).to(device)
     if args.gpu:
         model = model.to(memory_format=torch.channels_last)
     optimizer, loss_fn = build_optimizer(model, cfg), build_loss(cfg.loss, cfg.quant_weight)
@@ -114,8 +142,8 @@ def plain_loop(args: argparse.Namespace, images: torch.Tensor, labels: torch.Ten
         order = torch.randperm(len(images))
         start = time.perf_counter()
         for first in range(0, len(images), args.batch_size):
-            index = order[first:first + args.batch_size]
-            batch = model_input(images[index].to(device), args.gpu)
+            index = order[first : first + args.batch_size]
+            batch = model_input(images[index].to(device), net, channels_last=args.gpu)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.gpu):
                 codes = model(batch)
             loss = loss_fn(codes, labels[index].to(device))
@@ -131,22 +159,26 @@ def plain_loop(args: argparse.Namespace, images: torch.Tensor, labels: torch.Ten
 def main() -> None:
     args = parse_args()
     ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
-    info = ensure_dataset(args)
+    dataset = ensure_dataset(args)
     threads = max(1, math.floor(args.cpus_per_worker))  # what Ray gives the worker (OMP_NUM_THREADS)
     hashray, waits = with_hashray(args)
     torch.set_num_threads(threads)
-    plain = plain_loop(args, *decoded_train_split(args, len(info["classes"])))
+    plain = plain_loop(args, dataset, *decoded_train_split(args, dataset))
     ray.shutdown()
     ours, theirs = statistics.mean(hashray[1:]), statistics.mean(plain[1:])
-    print(f"\ntrain images/s: {args.arch} {args.image_size}px, batch {args.batch_size}, {info['splits']['train']} rows, "
-          f"{'GPU bf16' if args.gpu else f'CPU, {threads} torch thread(s)'}, epochs 2..{args.epochs}")
+    print(
+        f"\ntrain images/s: {args.arch} {args.image_size}px, batch {args.batch_size}, {dataset.rows('train')} rows, "
+        f"{'GPU bf16' if args.gpu else f'CPU, {threads} torch thread(s)'}, epochs 2..{args.epochs}"
+    )
     print(f"{'':24}{'per epoch':>28}{'steady':>10}")
     print(f"{'hashray train (Ray)':24}{' '.join(f'{r:8.1f}' for r in hashray):>28}{ours:10.1f}")
     print(f"{'plain PyTorch loop':24}{' '.join(f'{r:8.1f}' for r in plain):>28}{theirs:10.1f}")
     print(f"hashray seconds waiting for data per epoch: {' '.join(f'{w:.1f}' for w in waits)}")
     ratio = ours / theirs
-    print(f"ratio hashray / plain: {ratio:.3f}; target (issue 3) applies to this ratio of the steady epochs: "
-          f">= 0.85 -> {'met' if ratio >= 0.85 else 'NOT met'}")
+    print(
+        f"ratio hashray / plain: {ratio:.3f}; target applies to this ratio of the steady epochs: "
+        f">= 0.85 -> {'met' if ratio >= 0.85 else 'NOT met'}"
+    )
 
 
 if __name__ == "__main__":

@@ -1,1 +1,1 @@
-"""The network, the losses and code packing: pure torch/numpy, no Ray."""
+"""The network, the losses, code packing, transforms and metrics: pure torch/numpy, no Ray."""

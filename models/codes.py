@@ -4,6 +4,7 @@ Every place that ranks codes (evaluation, the serving index) uses
 :func:`topk_by_hamming` so that ties are broken the same way everywhere:
 smaller distance first, then smaller database position.
 """
+
 from __future__ import annotations
 
 import numpy as np

@@ -19,6 +19,7 @@ Notation, for K bits and a pair (i, j):
 * ``Q = mean_{i,k} (|h_ik| - 1)^2`` -- the quantisation term every loss adds
   with weight ``quant_weight`` (so that the losses differ only in the pair term).
 """
+
 from __future__ import annotations
 
 import torch
@@ -186,7 +187,9 @@ class ClassifierLoss(nn.Module):
     ) -> torch.Tensor:
         classes = labels.shape[1]
         if codes.shape[1] < classes:
-            raise HashrayError(f"loss 'classify' needs at least one output per class: --bits {codes.shape[1]} < {classes} classes")
+            raise HashrayError(
+                f"loss 'classify' needs at least one output per class: --bits {codes.shape[1]} < {classes} classes"
+            )
         return _likelihood(self.alpha * codes[:, :classes].float(), labels.float()).mean()
 
 

@@ -4,12 +4,16 @@ The network outputs ``tanh(W f(x) + b)`` in (-1, 1) -- continuous, so the
 pairwise losses can be trained by gradient descent -- and ``sign`` of that
 output is the binary code (bit = 1 for a positive output).
 """
+
 from __future__ import annotations
 
 import dataclasses
+import io
+import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torchvision
@@ -21,6 +25,18 @@ from models.errors import HashrayError
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# The two files of a saved network, the run-dir contract of encode and serve.
+MODEL_PT = "model.pt"
+CONFIG_JSON = "config.json"
+
+
+class Directory(Protocol):
+    """What :meth:`ResNetHash.save` and :meth:`ResNetHash.from_run` need of a directory.
+
+    ``pathlib.Path`` is one; ``contracts.fs.Location`` is one on object storage.
+    """
+
+    def joinpath(self, *parts: str) -> Any: ...
 
 
 @dataclass(frozen=True)
@@ -39,7 +55,7 @@ class HashNetConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, payload: dict[str, Any]) -> "HashNetConfig":
+    def from_dict(cls, payload: dict[str, Any]) -> HashNetConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in payload.items() if k in known}
         for key in ("classes", "mean", "std"):
@@ -70,12 +86,53 @@ class ResNetHash(nn.Module):
         super().__init__()
         self.arch = check_arch(arch)
         self.bits = check_bits(bits)
+        self.config: HashNetConfig | None = None  # set by from_config/from_run: what save() writes beside the weights
         self.backbone = getattr(torchvision.models, arch)(weights=None)
         feature_dim = self.backbone.fc.in_features
         self.backbone.fc = nn.Identity()
         self.hash_layer = nn.Linear(feature_dim, bits)
         if weights != "none":
             self.backbone.load_state_dict(load_backbone_weights(arch, weights, allow_download))
+
+    @classmethod
+    def from_config(cls, config: HashNetConfig, weights: str = "none", allow_download: bool = False) -> ResNetHash:
+        """A network of ``config``'s architecture and code length that remembers the config for :meth:`save`."""
+        model = cls(config.arch, config.bits, weights=weights, allow_download=allow_download)
+        model.config = config
+        return model
+
+    @classmethod
+    def from_run(
+        cls,
+        directory: str | os.PathLike | Directory,
+        *,
+        map_location: str | torch.device = "cpu",
+        config: HashNetConfig | None = None,
+    ) -> ResNetHash:
+        """Load a saved network (eval mode): ``config.json`` then ``model.pt`` (``weights_only``).
+
+        ``config`` skips reading ``config.json`` when the caller already has it.
+        """
+        directory = _as_directory(directory)
+        if config is None:
+            config = HashNetConfig.from_dict(json.loads(directory.joinpath(CONFIG_JSON).read_bytes()))
+        state = torch.load(
+            io.BytesIO(directory.joinpath(MODEL_PT).read_bytes()), map_location=map_location, weights_only=True
+        )
+        model = cls.from_config(config)
+        model.load_state_dict(state)
+        return model.to(map_location).eval()
+
+    def save(self, directory: str | os.PathLike | Directory) -> None:
+        """Write ``model.pt`` (a plain state_dict) then ``config.json`` into ``directory``."""
+        if self.config is None:
+            raise HashrayError("this network has no HashNetConfig to save; build it with ResNetHash.from_config")
+        directory = _as_directory(directory, create=True)
+        buffer = io.BytesIO()
+        torch.save(self.state_dict(), buffer)
+        directory.joinpath(MODEL_PT).write_bytes(buffer.getvalue())
+        payload = json.dumps(self.config.to_dict(), indent=2, sort_keys=True) + "\n"
+        directory.joinpath(CONFIG_JSON).write_bytes(payload.encode())
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Relaxed codes in (-1, 1), shape (batch, bits)."""
@@ -85,6 +142,16 @@ class ResNetHash(nn.Module):
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Binary codes as a bool tensor (batch, bits): True where the output is positive."""
         return self.hash_layer(self.backbone(images)) > 0
+
+
+def _as_directory(directory: str | os.PathLike | Directory, *, create: bool = False) -> Directory:
+    """A local path becomes a ``Path`` (made when ``create``); a Directory stays as it is."""
+    if isinstance(directory, (str, os.PathLike)):
+        path = Path(directory)
+        if create:
+            path.mkdir(parents=True, exist_ok=True)
+        return path
+    return directory
 
 
 def imagenet_weights_file(arch: str) -> Path:
@@ -126,14 +193,20 @@ def _backbone_state(arch: str, state: Any, path: Path) -> dict[str, torch.Tensor
     # Accept a bare ResNet state_dict or one saved from ResNetHash ("backbone." prefix).
     state = {k.removeprefix("backbone."): v for k, v in state.items() if not k.startswith("hash_layer.")}
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    expected = {k: v.shape for k, v in getattr(torchvision.models, arch)(weights=None).state_dict().items() if not k.startswith("fc.")}
+    expected = {
+        k: v.shape
+        for k, v in getattr(torchvision.models, arch)(weights=None).state_dict().items()
+        if not k.startswith("fc.")
+    }
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))  # e.g. a deeper ResNet's extra blocks
     mismatched = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k])]
     if missing or unexpected or mismatched:
         detail = (
-            f"missing {missing[:3]}" if missing
-            else f"unexpected {unexpected[:3]}" if unexpected
+            f"missing {missing[:3]}"
+            if missing
+            else f"unexpected {unexpected[:3]}"
+            if unexpected
             else f"wrong shape for {mismatched[:3]}"
         )
         raise HashrayError(f"{path} is not a {arch} state_dict: {detail}")

@@ -1,1 +1,1 @@
-"""The batch stages of hashray (ingest, preprocess, train, encode, evaluate) and the CLI."""
+"""The batch stages of hashray: ingest, preprocess, train, encode, evaluate (Ray Data / Ray Train)."""

@@ -10,17 +10,16 @@ dir without a manifest is incomplete and is deleted and redone; one whose
 manifest names the same model (path and checksum), dataset and split is
 complete and is reused as is.
 """
+
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import hashlib
 import json
 import logging
 import math
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -29,10 +28,14 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 
+from contracts.codes import MANIFEST_JSON, CodesDir, codes_schema, codes_table, label_lists, write_manifest
+from contracts.dataset import REJECTS_JSONL, SPLITS, DatasetDir
+from contracts.fs import absolute, exists, join, parquet_files, remove_dir, resolve, write_bytes
+from contracts.run import RunDir
 from models.codes import pack_codes
 from models.errors import HashrayError
-from models.transforms import normalise
-from pipelines import contracts
+from models.network import HashNetConfig
+from models.transforms import model_input
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +70,7 @@ class EncodeConfig:
 
     run: str
     data: str
-    split: str
+    split: str = field(metadata={"choices": SPLITS})
     out: str
     batch_size: int = 256
     pool_size: int = 1
@@ -82,21 +85,6 @@ class EncodeConfig:
 # ---------------------------------------------------------------- the actor
 
 
-def label_lists(multi_hot: np.ndarray) -> pa.ListArray:
-    """(n, C) multi-hot rows -> list<int32> class indices, ascending."""
-    rows, classes = np.nonzero(np.asarray(multi_hot) > 0)
-    offsets = np.zeros(len(multi_hot) + 1, dtype=np.int32)
-    np.cumsum(np.bincount(rows, minlength=len(multi_hot)), out=offsets[1:])
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(classes.astype(np.int32)))
-
-
-def codes_table(ids: np.ndarray, packed: np.ndarray, labels: pa.ListArray) -> pa.Table:
-    """Rows of the codes-dir schema from ids, packed codes (n, bits/8) and label lists."""
-    width = packed.shape[1]
-    code = pa.FixedSizeBinaryArray.from_buffers(pa.binary(width), len(packed), [None, pa.py_buffer(np.ascontiguousarray(packed).tobytes())])
-    return pa.table({"id": pa.array(ids, pa.string()), "code": code, "labels": labels}, schema=contracts.codes_schema(width * 8))
-
-
 class CodeEncoder:
     """Ray Data worker: preprocessed batch -> code rows; rows that failed to decode go to the rejects.
 
@@ -105,10 +93,10 @@ class CodeEncoder:
     testable without Ray.
     """
 
-    def __init__(self, run_uri: str, *, rejects_uri: str, device: str = "cpu", threads: int = 1) -> None:
+    def __init__(self, run: RunDir, *, rejects_uri: str, device: str = "cpu", threads: int = 1) -> None:
         torch.set_num_threads(threads)
-        self.model, config = contracts.load_model(run_uri, map_location=device)
-        self.bits, self.mean, self.std = config.bits, config.mean, config.std
+        self.model = run.load_model(map_location=device)
+        self.config = run.config  # the run's own normalisation, as training fed the network
         self.device = device
         self.rejects_uri = rejects_uri
 
@@ -117,44 +105,43 @@ class CodeEncoder:
         if not ok.all():
             self._reject(batch["id"][~ok], batch["error"][~ok])
         if not ok.any():
-            return contracts.codes_schema(self.bits).empty_table()
+            return codes_schema(self.config.bits).empty_table()
         images = torch.from_numpy(np.ascontiguousarray(batch["image"][ok])).to(self.device)  # uint8: 4x less to copy
-        bits = self.model.encode(normalise(images, self.mean, self.std)).cpu().numpy()
+        bits = self.model.encode(model_input(images, self.config)).cpu().numpy()
         return codes_table(batch["id"][ok], pack_codes(bits), label_lists(batch["labels"][ok]))
 
     def _reject(self, ids: np.ndarray, reasons: np.ndarray) -> None:
         """One small file per batch with rejects (rare): works on any filesystem, no appends."""
         lines = "".join(json.dumps({"id": str(i), "reason": str(r)}) + "\n" for i, r in zip(ids, reasons))
-        contracts.write_bytes(contracts.join(self.rejects_uri, f"{uuid.uuid4().hex}.jsonl"), lines.encode())
+        write_bytes(join(self.rejects_uri, f"{uuid.uuid4().hex}.jsonl"), lines.encode())
 
 
 # ---------------------------------------------------------------- driver
 
 
-def _provenance(cfg: EncodeConfig, dataset_info: dict[str, Any]) -> dict[str, Any]:
+def _provenance(run: RunDir, dataset: DatasetDir, split: str) -> dict[str, Any]:
     """What makes two codes dirs interchangeable: same model bytes, same dataset, same split."""
-    model_bytes = contracts.read_bytes(contracts.join(cfg.run, contracts.MODEL_PT))
     return {
-        "model": contracts.absolute(cfg.run),
-        "model_sha256": hashlib.sha256(model_bytes).hexdigest(),
-        "dataset": contracts.absolute(cfg.data),
-        "dataset_created": dataset_info.get("created"),
-        "split": cfg.split,
+        "model": run.uri,
+        "model_sha256": run.model_sha256(),
+        "dataset": dataset.uri,
+        "dataset_created": dataset.created,
+        "split": split,
     }
 
 
-def check_compatible(model_config: Any, dataset_info: dict[str, Any], dataset_uri: str) -> None:
+def check_compatible(model_config: HashNetConfig, dataset: DatasetDir) -> None:
     """The dataset must use the model's classes, in the same order (label i means class i).
 
     Image sizes cannot mismatch: every image is resized to the model's
     ``image_size`` by the same eval transform that serving uses.
     """
-    classes = list(dataset_info.get("classes", []))
+    classes = list(dataset.classes)
     if classes != list(model_config.classes):
         diff = sorted(set(classes) ^ set(model_config.classes))[:5]
         detail = f"differing: {diff}" if diff else "same names in a different order"
         raise HashrayError(
-            f"{dataset_uri}: its {len(classes)} classes differ from the model's {len(model_config.classes)} ({detail}); "
+            f"{dataset.uri}: its {len(classes)} classes differ from the model's {len(model_config.classes)} ({detail}); "
             "encode a dataset with the classes the model was trained on"
         )
     if not isinstance(model_config.image_size, int) or model_config.image_size < 1:
@@ -165,7 +152,7 @@ def parquet_rows(files: list[str]) -> int:
     """Rows in Parquet files, from their footers (no data read)."""
     total = 0
     for file in files:
-        filesystem, path = contracts.resolve(file)
+        filesystem, path = resolve(file)
         with filesystem.open_input_file(path) as handle:
             total += pq.ParquetFile(handle).metadata.num_rows
     return total
@@ -173,9 +160,9 @@ def parquet_rows(files: list[str]) -> int:
 
 def _reusable(out_uri: str, provenance: dict[str, Any]) -> dict[str, Any] | None:
     """The manifest of a complete output made from the same inputs, else None."""
-    if not contracts.exists(contracts.join(out_uri, contracts.MANIFEST_JSON)):
+    if not exists(join(out_uri, MANIFEST_JSON)):
         return None
-    manifest = contracts.read_manifest(out_uri)
+    manifest = CodesDir.open(out_uri).manifest
     if all(manifest.get(key) == value for key, value in provenance.items()):
         return manifest
     logger.warning("encode: %s holds codes of another model/dataset/split; replacing them", out_uri)
@@ -184,17 +171,17 @@ def _reusable(out_uri: str, provenance: dict[str, Any]) -> dict[str, Any] | None
 
 def _collect_rejects(out_uri: str) -> int:
     """Merge the actors' reject parts into OUT/rejects.jsonl (deduplicated, by id); return the count."""
-    parts_uri = contracts.join(out_uri, REJECTS_PARTS)
-    filesystem, path = contracts.resolve(parts_uri)
+    parts_uri = join(out_uri, REJECTS_PARTS)
+    filesystem, path = resolve(parts_uri)
     selector = pafs.FileSelector(path, allow_not_found=True)
     rows: dict[str, str] = {}
     for info in filesystem.get_file_info(selector):
         with filesystem.open_input_stream(info.path) as stream:
             for line in stream.read().decode().splitlines():
                 rows[json.loads(line)["id"]] = line  # a retried task rewrites the same rejects
-    contracts.remove_dir(parts_uri)
+    remove_dir(parts_uri)
     if rows:
-        contracts.write_bytes(contracts.join(out_uri, contracts.REJECTS_JSONL), "".join(rows[i] + "\n" for i in sorted(rows)).encode())
+        write_bytes(join(out_uri, REJECTS_JSONL), "".join(rows[i] + "\n" for i in sorted(rows)).encode())
     return len(rows)
 
 
@@ -208,33 +195,46 @@ def check_config(cfg: EncodeConfig) -> None:
 
 
 def run(cfg: EncodeConfig) -> dict[str, Any]:
-    """Encode one split; returns the codes dir's manifest."""
+    """Encode one split; returns the codes dir's manifest.
+
+    The run, the dataset and an existing output are each opened once here
+    and handed down (the run and dataset objects travel to the Ray workers as they are).
+    """
     check_config(cfg)
-    cfg = dataclasses.replace(cfg, run=contracts.absolute(cfg.run), data=contracts.absolute(cfg.data), out=contracts.absolute(cfg.out))
-    model_config = contracts.read_model_config(cfg.run)
-    dataset_info = contracts.read_dataset_info(cfg.data)
-    check_compatible(model_config, dataset_info, cfg.data)
-    input_files = contracts.split_files(cfg.data, cfg.split)
-    provenance = _provenance(cfg, dataset_info)
+    run_dir, dataset = RunDir.open(cfg.run), DatasetDir.open(cfg.data)
+    cfg = dataclasses.replace(cfg, run=run_dir.uri, data=dataset.uri, out=absolute(cfg.out))
+    check_compatible(run_dir.config, dataset)
+    input_files = dataset.split_files(cfg.split)
+    provenance = _provenance(run_dir, dataset, cfg.split)
     reusable = None if cfg.overwrite else _reusable(cfg.out, provenance)
     if reusable is not None:
-        logger.info("encode: %s already holds these %d codes; reusing them (--overwrite recomputes)", cfg.out, reusable["count"])
+        logger.info(
+            "encode: %s already holds these %d codes; reusing them (--overwrite recomputes)", cfg.out, reusable["count"]
+        )
         return reusable
-    contracts.remove_dir(cfg.out)  # an incomplete or stale output is never mixed with new files
+    remove_dir(cfg.out)  # an incomplete or stale output is never mixed with new files
     rows_read = parquet_rows(input_files)
-    logger.info("encode: %d %s rows of %s with %s (%d bits)", rows_read, cfg.split, cfg.data, cfg.run, model_config.bits)
+    logger.info(
+        "encode: %d %s rows of %s with %s (%d bits)", rows_read, cfg.split, cfg.data, cfg.run, run_dir.config.bits
+    )
     started = time.perf_counter()
-    _codes_dataset(cfg, model_config).write_parquet(cfg.out)
+    _codes_dataset(cfg, run_dir, dataset).write_parquet(cfg.out)
     rejected = _collect_rejects(cfg.out)
-    written = parquet_rows(contracts.parquet_files(cfg.out))
+    written = parquet_rows(parquet_files(cfg.out))
     if written + rejected != rows_read:
         raise RuntimeError(f"encode lost rows: read {rows_read}, wrote {written}, rejected {rejected}")
     elapsed = time.perf_counter() - started
-    logger.info("encode: %d codes, %d rejected, %.1f s (%.1f images/s)", written, rejected, elapsed, rows_read / max(elapsed, 1e-9))
-    return contracts.write_manifest(cfg.out, bits=model_config.bits, count=written, **provenance)
+    logger.info(
+        "encode: %d codes, %d rejected, %.1f s (%.1f images/s)",
+        written,
+        rejected,
+        elapsed,
+        rows_read / max(elapsed, 1e-9),
+    )
+    return write_manifest(cfg.out, bits=run_dir.config.bits, count=written, **provenance)
 
 
-def _codes_dataset(cfg: EncodeConfig, model_config: Any) -> Any:
+def _codes_dataset(cfg: EncodeConfig, run_dir: RunDir, dataset: DatasetDir) -> Any:
     """The lazy Ray Dataset of code rows (nothing runs until it is written)."""
     import ray
     import ray.data
@@ -243,10 +243,17 @@ def _codes_dataset(cfg: EncodeConfig, model_config: Any) -> Any:
 
     if cfg.gpu and ray.cluster_resources().get("GPU", 0) < cfg.pool_size:
         # Not an error: an autoscaling cluster adds GPU nodes once the actors ask for them.
-        logger.warning("encode: %d GPU actors requested, the cluster has %s GPUs now", cfg.pool_size, ray.cluster_resources().get("GPU", 0))
-    preprocess = PreprocessConfig(image_size=model_config.image_size, train=False)
+        logger.warning(
+            "encode: %d GPU actors requested, the cluster has %s GPUs now",
+            cfg.pool_size,
+            ray.cluster_resources().get("GPU", 0),
+        )
+    preprocess = PreprocessConfig(image_size=run_dir.config.image_size, train=False)
     images = preprocess_split(
-        cfg.data, cfg.split, preprocess, len(model_config.classes), batch_size=cfg.batch_size,
+        dataset,
+        cfg.split,
+        preprocess,
+        batch_size=cfg.batch_size,
         num_cpus=cfg.decode_cpus,
         max_workers=cfg.decode_workers,
         share_cpus=True,  # with the encoder actors
@@ -260,8 +267,8 @@ def _codes_dataset(cfg: EncodeConfig, model_config: Any) -> Any:
     return images.map_batches(
         CodeEncoder,
         fn_constructor_kwargs={
-            "run_uri": cfg.run,
-            "rejects_uri": contracts.join(cfg.out, REJECTS_PARTS),
+            "run": run_dir,
+            "rejects_uri": join(cfg.out, REJECTS_PARTS),
             "device": "cuda" if cfg.gpu else "cpu",
             "threads": cfg.threads_per_actor or math.ceil(cfg.cpus_per_actor),
         },
@@ -271,31 +278,3 @@ def _codes_dataset(cfg: EncodeConfig, model_config: Any) -> Any:
         num_cpus=cfg.cpus_per_actor,
         num_gpus=1 if cfg.gpu else 0,
     )
-
-
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("encode", help="encode a dataset split into a codes dir (Ray Data actor pool)")
-    parser.add_argument("--run", required=True, help="finished training run dir (model.pt + config.json)")
-    parser.add_argument("--data", required=True, help="dataset dir (from `hashray ingest`)")
-    parser.add_argument("--split", required=True, choices=contracts.SPLITS, help="split to encode")
-    parser.add_argument("--out", required=True, help="codes dir to write (manifest.json is written last)")
-    parser.add_argument("--batch-size", type=int, default=EncodeConfig.batch_size, help="images per inference batch")
-    parser.add_argument("--pool-size", type=int, default=EncodeConfig.pool_size, help="number of encoder actors")
-    parser.add_argument("--gpu", action="store_true", help="one GPU per encoder actor")
-    parser.add_argument("--cpus-per-actor", type=float, default=EncodeConfig.cpus_per_actor, help="CPUs reserved per encoder actor (leave some for decoding)")
-    parser.add_argument("--threads-per-actor", type=int, default=EncodeConfig.threads_per_actor, help="torch threads per actor (0: ceil of --cpus-per-actor)")
-    parser.add_argument("--decode-cpus", type=float, default=EncodeConfig.decode_cpus, help="CPUs per read + decode task")
-    parser.add_argument("--decode-workers", type=int, default=EncodeConfig.decode_workers, help="most read + decode tasks at once")
-    parser.add_argument("--overwrite", action="store_true", help="recompute even if OUT already holds these codes")
-    parser.set_defaults(handler=_handle)
-
-
-def _handle(args: argparse.Namespace) -> int:
-    from pipelines.runtime import init_ray
-
-    init_ray(args.address)
-    # Every flag's dest is the name of a config field.
-    cfg = EncodeConfig(**{field.name: getattr(args, field.name) for field in dataclasses.fields(EncodeConfig)})
-    manifest = run(cfg)
-    print(f"{manifest['count']} codes of {manifest['bits']} bits in {cfg.out}")
-    return 0

@@ -1,53 +1,36 @@
-"""``hashray ingest``: raw images + labels -> a dataset dir of Parquet files (DESIGN.md).
+"""``hashray ingest``: raw images + labels -> a dataset dir of Parquet files (docs/DESIGN.md).
 
 A Ray Data job that streams: the driver parses only the small list files
-(:mod:`pipelines.sources`) or nothing at all (synthetic); workers read, check
-or draw the images block by block and write one Parquet file per block and
-split. Bad rows are never written: each one is kept with its reason in
+(:mod:`pipelines.sources`) or nothing at all (synthetic); workers
+(:mod:`pipelines.ingest_rows`) read, check or draw the images block by block
+and write one Parquet file per block and split. Bad rows are never written: each one is kept with its reason in
 ``rejects.jsonl`` and counted, so rows read = rows written + rows rejected.
 ``dataset.json`` is written last: a dir without it is incomplete.
 
 File names come from the first source row of their block, not from Ray's
 write ids, so the same input and seed give byte-identical Parquet files.
 """
+
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
 import math
 import posixpath
 from collections import Counter
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-import pyarrow as pa
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 import ray.data
-from ray.data import Datasink
-from ray.data.block import BlockAccessor
 
+from contracts.dataset import DATASET_JSON, REJECTS_JSONL, SPLITS, write_dataset_info
+from contracts.fs import absolute, exists, join, now_iso, resolve, write_bytes
 from models.errors import HashrayError
-from models.transforms import MAX_PIXELS, BadImage, decode_image
+from models.transforms import MAX_PIXELS
 from pipelines import sources, synthetic
-from pipelines.contracts import (
-    DATASET_JSON,
-    DATASET_SCHEMA,
-    REJECTS_JSONL,
-    ROW_GROUP_ROWS,
-    SPLITS,
-    absolute,
-    exists,
-    join,
-    now_iso,
-    resolve,
-    write_bytes,
-    write_json,
-)
+from pipelines.ingest_rows import DatasetSink, draw_synthetic, load_images, reject_record
 
 logger = logging.getLogger(__name__)
 
@@ -64,51 +47,64 @@ SOURCE_FILE_FLAGS = {
     "csv": "--csv",
     "root": "--root",
 }
-# What a worker adds to a candidate row; an empty reason means the row is good.
-CHECKED_COLUMNS = ("seq", "id", "image", "labels", "splits", "where", "reason", "detail")
 
 
 @dataclass(frozen=True)
 class IngestConfig:
     """One ingest job. Fields a source does not use are ignored.
 
+    ``hashray ingest SOURCE`` offers only the fields whose ``metadata["sources"]``
+    names that source (every source when absent), under ``metadata["flag"]``
+    when the field's own name would not read well on the command line.
+
     Args:
         source: ``synthetic``, ``txtlist``, ``coco`` or ``folder``.
         out: dataset dir to write (local path or ``pyarrow.fs`` URI).
+        seed: seed of the synthetic draw and of the coco/folder query/train sampling.
+        strict: fail on the first bad row instead of rejecting it.
+        name: dataset name in dataset.json (default: the source or root folder name).
         train, query, database: synthetic: rows per split (train ids are the
             first database ids). coco/folder: how many random good rows are
             held out as queries and how many database rows also train;
             ``database`` must be unset (every row that is not a query).
-        image_size, num_classes: synthetic images and classes.
+        image_size: synthetic image side in pixels.
+        num_classes: synthetic object classes.
         root: folder the image paths are relative to (default: the folder of
             the list/annotation/CSV file).
-        train_list, query_list, database_list: txtlist list files.
-        classes_file: class names, one per line (txtlist, folder).
+        train_list: txtlist list file of the train split (default: none; at
+            least one of the three lists is needed).
+        query_list: txtlist list file of the query split (default: none).
+        database_list: txtlist list file of the database split (default: none).
+        classes_file: class names, one per line (txtlist default: class_0,
+            class_1, ...; folder default: the names found, sorted).
         annotations: COCO ``instances_*.json``.
-        csv: folder source CSV with columns ``path,labels``.
-        strict: fail on the first bad row instead of rejecting it.
+        csv: folder source CSV with columns ``path,labels`` (labels joined by ``|``).
         max_pixels: images with more pixels are rejected (decompression bombs).
         rows_per_file: rows per Ray Data block, hence per Parquet file.
         num_cpus: CPUs reserved by each ingest task.
     """
 
-    source: str
+    source: str = dataclasses.field(metadata={"choices": SOURCES})
     out: str
     seed: int = 0
     strict: bool = False
     name: str | None = None
-    train: int | None = None
-    query: int | None = None
-    database: int | None = None
-    image_size: int = DEFAULT_IMAGE_SIZE
-    num_classes: int = DEFAULT_NUM_CLASSES
-    root: str | None = None
-    train_list: str | None = None
-    query_list: str | None = None
-    database_list: str | None = None
-    classes_file: str | None = None
-    annotations: str | None = None
-    csv: str | None = None
+    train: int | None = dataclasses.field(default=None, metadata={"sources": ("synthetic", "coco", "folder")})
+    query: int | None = dataclasses.field(default=None, metadata={"sources": ("synthetic", "coco", "folder")})
+    database: int | None = dataclasses.field(default=None, metadata={"sources": ("synthetic",)})
+    image_size: int = dataclasses.field(default=DEFAULT_IMAGE_SIZE, metadata={"sources": ("synthetic",)})
+    num_classes: int = dataclasses.field(default=DEFAULT_NUM_CLASSES, metadata={"sources": ("synthetic",)})
+    root: str | None = dataclasses.field(default=None, metadata={"sources": ("txtlist", "coco", "folder")})
+    train_list: str | None = dataclasses.field(default=None, metadata={"sources": ("txtlist",), "flag": "--train"})
+    query_list: str | None = dataclasses.field(default=None, metadata={"sources": ("txtlist",), "flag": "--query"})
+    database_list: str | None = dataclasses.field(
+        default=None, metadata={"sources": ("txtlist",), "flag": "--database"}
+    )
+    classes_file: str | None = dataclasses.field(
+        default=None, metadata={"sources": ("txtlist", "folder"), "flag": "--classes"}
+    )
+    annotations: str | None = dataclasses.field(default=None, metadata={"sources": ("coco",)})
+    csv: str | None = dataclasses.field(default=None, metadata={"sources": ("folder",)})
     max_pixels: int = MAX_PIXELS
     rows_per_file: int = 1000
     num_cpus: float = 1.0
@@ -144,8 +140,14 @@ def run(cfg: IngestConfig) -> dict[str, Any]:
     if cfg.strict and plan.rejected:
         raise HashrayError(_strict_message(plan.rejected))
     clear_out(cfg.out)
-    logger.info("ingest %s: %d source rows (%d rejected by the parser) -> %s", cfg.source, plan.read, len(plan.rejected), cfg.out)
-    sink = _DatasetSink(cfg.out)
+    logger.info(
+        "ingest %s: %d source rows (%d rejected by the parser) -> %s",
+        cfg.source,
+        plan.read,
+        len(plan.rejected),
+        cfg.out,
+    )
+    sink = DatasetSink(cfg.out)
     if plan.dataset is not None:  # None when every row was already rejected by the parser
         plan.dataset.write_datasink(sink)
     rejected = sorted(plan.rejected + sink.rejects, key=lambda r: r["row"])
@@ -153,14 +155,13 @@ def run(cfg: IngestConfig) -> dict[str, Any]:
     summary = _summary(cfg.out, plan.read, sink, rejected)
     if cfg.strict and rejected:
         raise HashrayError(_strict_message(rejected))
-    write_json(
-        join(cfg.out, DATASET_JSON),
-        {"name": plan.name, "classes": plan.classes, "splits": summary["splits"], "created": created, "source": cfg.source},
+    write_dataset_info(
+        cfg.out, name=plan.name, classes=plan.classes, splits=summary["splits"], created=created, source=cfg.source
     )
     return summary
 
 
-def _summary(out: str, read: int, sink: "_DatasetSink", rejected: list[dict[str, Any]]) -> dict[str, Any]:
+def _summary(out: str, read: int, sink: DatasetSink, rejected: list[dict[str, Any]]) -> dict[str, Any]:
     summary = {
         "out": out,
         "read": read,
@@ -231,7 +232,9 @@ def _check_sampled(cfg: IngestConfig) -> None:
     if cfg.query is None:
         raise HashrayError(f"{cfg.source} needs --query N: how many random rows to hold out as queries")
     if cfg.database is not None:
-        raise HashrayError(f"{cfg.source}: --database is not a count here; the database is every good row that is not a query")
+        raise HashrayError(
+            f"{cfg.source}: --database is not a count here; the database is every good row that is not a query"
+        )
 
 
 def synthetic_sizes(cfg: IngestConfig) -> dict[str, int]:
@@ -252,7 +255,9 @@ def clear_out(out: str) -> None:
     entries = {posixpath.basename(e.path): e.type for e in filesystem.get_file_info(pafs.FileSelector(path))}
     foreign = sorted(set(entries) - {*SPLITS, DATASET_JSON, REJECTS_JSONL})
     if foreign:
-        raise HashrayError(f"--out {out} holds files that are not part of a hashray dataset ({', '.join(foreign[:3])}); choose a new or empty directory")
+        raise HashrayError(
+            f"--out {out} holds files that are not part of a hashray dataset ({', '.join(foreign[:3])}); choose a new or empty directory"
+        )
     for name in sorted(entries, key=lambda n: n != DATASET_JSON):
         target = posixpath.join(path, name)
         if entries[name] == pafs.FileType.Directory:
@@ -269,7 +274,7 @@ def _plan(cfg: IngestConfig) -> _Plan:
         return _plan_synthetic(cfg)
     source, root, default_name = _parse_source(cfg)
     good = [dataclasses.asdict(row) for row in source.rows if not row.reason]
-    rejected = [_reject_record(dataclasses.asdict(row)) for row in source.rows if row.reason]
+    rejected = [reject_record(dataclasses.asdict(row)) for row in source.rows if row.reason]
     dataset = None
     if good:
         dataset = ray.data.from_items(good, override_num_blocks=_blocks(len(good), cfg.rows_per_file)).map_batches(
@@ -292,7 +297,9 @@ def _parse_source(cfg: IngestConfig) -> tuple[sources.Source, str, str]:
         source = sources.read_coco(cfg.annotations, query=cfg.query, train=cfg.train or 0, seed=cfg.seed)
         main_file = cfg.annotations
     else:
-        source = sources.read_folder(cfg.csv, query=cfg.query, train=cfg.train or 0, seed=cfg.seed, classes_file=cfg.classes_file)
+        source = sources.read_folder(
+            cfg.csv, query=cfg.query, train=cfg.train or 0, seed=cfg.seed, classes_file=cfg.classes_file
+        )
         main_file = cfg.csv
     root = cfg.root or posixpath.dirname(main_file.rstrip("/")) or "."
     return source, root, posixpath.basename(root.rstrip("/")) or cfg.source
@@ -315,184 +322,7 @@ def _blocks(rows: int, rows_per_file: int) -> int:
     return max(1, math.ceil(rows / rows_per_file))
 
 
-# ---------------------------------------------------------------- workers
-
-
-def draw_synthetic(batch: pa.Table, *, sizes: dict[str, int], seed: int, image_size: int, num_classes: int) -> pa.Table:
-    """Rows ``seq`` of the synthetic set: first the database stream (also train), then the queries."""
-    stream_rows = max(sizes["train"], sizes["database"])
-    rows = []
-    for seq in batch.column("id").to_pylist():
-        split, index = ("database", seq) if seq < stream_rows else ("query", seq - stream_rows)
-        splits = ["query"] if split == "query" else [s for s in ("train", "database") if index < sizes[s]]
-        image, labels = synthetic.synthetic_example(index, split=split, seed=seed, image_size=image_size, num_classes=num_classes)
-        rows.append((seq, synthetic.synthetic_id(index, split), image, labels, splits, f"synthetic {split} #{index}", "", ""))
-    return _checked_table(rows)
-
-
-def load_images(batch: pa.Table, *, root: str, max_pixels: int) -> pa.Table:
-    """Read and fully decode each row's file; bad files get a reason instead of bytes."""
-    filesystem, root_path = resolve(root)
-    rows = []
-    for row in batch.to_pylist():
-        image, reason, detail = b"", "", ""
-        try:
-            image = _read_image(filesystem, posixpath.join(root_path, row["path"]), max_pixels)
-        except BadImage as error:
-            reason, detail = error.reason, error.detail
-        rows.append((row["seq"], row["id"], image, row["labels"], row["splits"], row["where"], reason, detail))
-    return _checked_table(rows)
-
-
-def _read_image(filesystem: pafs.FileSystem, path: str, max_pixels: int) -> bytes:
-    """The file's bytes, as read (never re-encoded), once they are known to decode."""
-    try:
-        with filesystem.open_input_stream(path) as stream:
-            data = stream.read()
-    except FileNotFoundError as error:
-        raise BadImage("missing_file", f"{path} does not exist") from error
-    except OSError as error:  # a directory, no permission, a network error...
-        raise BadImage("unreadable_file", f"{path}: {error}") from error
-    decode_image(data, max_pixels=max_pixels)
-    return data
-
-
-def _checked_table(rows: list[tuple]) -> pa.Table:
-    columns = list(zip(*rows)) if rows else [[] for _ in CHECKED_COLUMNS]
-    types = (pa.int64(), pa.string(), pa.binary(), pa.list_(pa.int32()), pa.list_(pa.string()), pa.string(), pa.string(), pa.string())
-    return pa.table({name: pa.array(list(values), type=t) for name, values, t in zip(CHECKED_COLUMNS, columns, types)})
-
-
-def _reject_record(row: dict[str, Any]) -> dict[str, Any]:
-    """One line of rejects.jsonl."""
-    return {
-        "row": row["seq"],
-        "id": row["id"],
-        "where": row["where"],
-        "splits": list(row["splits"]),
-        "reason": row["reason"],
-        "detail": row["detail"],
-    }
-
-
-# ---------------------------------------------------------------- writing
-
-
-class _DatasetSink(Datasink):
-    """Writes the good rows of each block to ``out/<split>/part-<first row>.parquet``.
-
-    Each write task returns its rejects and counts, which the driver collects
-    in ``on_write_complete``: rejected rows never go through the object store
-    with their bytes, and nothing is counted twice.
-    """
-
-    def __init__(self, out: str) -> None:
-        self.out = out
-        self.rows = 0
-        self.written: Counter = Counter()
-        self.rejects: list[dict[str, Any]] = []
-
-    def write(self, blocks: Iterable[Any], ctx: Any) -> dict[str, Any]:
-        result = {"rows": 0, "written": Counter(), "rejects": []}
-        for block in blocks:
-            table = BlockAccessor.for_block(block).to_arrow().sort_by("seq")
-            bad = np.array([bool(r) for r in table.column("reason").to_pylist()], dtype=bool)
-            result["rejects"] += [_reject_record(r) for r in table.filter(pa.array(bad)).to_pylist()]
-            good = table.filter(pa.array(~bad))
-            result["rows"] += good.num_rows
-            for split in SPLITS:
-                result["written"][split] += self._write_split(good, split)
-        return result
-
-    def _write_split(self, good: pa.Table, split: str) -> int:
-        rows = good.filter(pa.array([split in s for s in good.column("splits").to_pylist()], type=pa.bool_()))
-        if rows.num_rows == 0:
-            return 0
-        filesystem, path = resolve(join(self.out, split, f"part-{rows.column('seq')[0].as_py():010d}.parquet"))
-        filesystem.create_dir(posixpath.dirname(path), recursive=True)
-        pq.write_table(
-            rows.select(DATASET_SCHEMA.names).cast(DATASET_SCHEMA), path, filesystem=filesystem, row_group_size=ROW_GROUP_ROWS
-        )
-        return rows.num_rows
-
-    def on_write_complete(self, write_result: Any) -> None:
-        for result in write_result.write_returns:
-            self.rows += result["rows"]
-            self.written.update(result["written"])
-            self.rejects += result["rejects"]
-
-
-# ---------------------------------------------------------------- CLI
-
-
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    """``hashray ingest {synthetic,txtlist,coco,folder} ...``."""
-    parser = subparsers.add_parser(
-        "ingest",
-        help="raw images + labels -> dataset dir (Parquet)",
-        description="Write a dataset dir (train/, query/, database/ Parquet + dataset.json) from a source. "
-        "Bad rows are skipped and listed with their reason in DIR/rejects.jsonl.",
-    )
-    kinds = parser.add_subparsers(dest="source", required=True, metavar="SOURCE")
-    common = _common_parser()
-    _synthetic_parser(kinds, common)
-    _txtlist_parser(kinds, common)
-    for source, flag, what in (("coco", "--annotations", "COCO instances_*.json"), ("folder", "--csv", "CSV with columns path,labels (labels joined by |)")):
-        sub = kinds.add_parser(source, parents=[common], help=f"image folder + {what}")
-        sub.add_argument(flag, dest=flag.lstrip("-"), required=True, help=what)
-        sub.add_argument("--root", help="folder the image paths are relative to (default: the folder of the file)")
-        sub.add_argument("--query", type=int, required=True, help="random good rows held out as queries; the rest are the database")
-        sub.add_argument("--train", type=int, default=0, help="random database rows also used for training (default 0)")
-        if source == "folder":
-            sub.add_argument("--classes", dest="classes_file", help="class names, one per line (default: the names found, sorted)")
-    parser.set_defaults(handler=_handle)
-
-
-def _common_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--out", required=True, help="dataset dir to write: a path or a pyarrow filesystem URI (s3://...)")
-    common.add_argument("--seed", type=int, default=0, help="seed of the synthetic draw / the query-train sampling (default 0)")
-    common.add_argument("--strict", action="store_true", help="exit non-zero at the first bad row instead of rejecting it")
-    common.add_argument("--name", help="dataset name in dataset.json (default: source or root folder name)")
-    common.add_argument("--max-pixels", type=int, default=MAX_PIXELS, help=f"reject images with more pixels (default {MAX_PIXELS})")
-    common.add_argument("--rows-per-file", type=int, default=IngestConfig.rows_per_file, help="rows per Ray Data block and Parquet file (default %(default)s)")
-    common.add_argument("--num-cpus", type=float, default=1.0, help="CPUs reserved by each ingest task (default 1)")
-    return common
-
-
-def _synthetic_parser(kinds: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    sub = kinds.add_parser(
-        "synthetic",
-        parents=[common],
-        help="the built-in procedurally drawn multi-label data set",
-        description="Draw the built-in data set: each class is a shape x colour x texture object kind; 1-5 objects "
-        "per image over clutter; long-tailed class frequencies. Train row i is database row i (same id).",
-    )
-    sub.add_argument("--train", type=int, default=SYNTHETIC_SIZES["train"], help="train rows: the first N database rows, same ids (default %(default)s)")
-    sub.add_argument("--query", type=int, default=SYNTHETIC_SIZES["query"], help="query rows, never in the database (default %(default)s)")
-    sub.add_argument("--database", type=int, default=SYNTHETIC_SIZES["database"], help="database rows (default %(default)s)")
-    sub.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE, help="image side in pixels (default %(default)s)")
-    sub.add_argument("--num-classes", type=int, default=DEFAULT_NUM_CLASSES, help="object classes (default %(default)s)")
-
-
-def _txtlist_parser(kinds: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    sub = kinds.add_parser("txtlist", parents=[common], help="list files `relative/path.jpg 0 1 0 ... 1` per split")
-    for split in SPLITS:
-        sub.add_argument(f"--{split}", dest=f"{split}_list", help=f"{split} list file")
-    sub.add_argument("--root", help="folder the image paths are relative to (default: the folder of the first list)")
-    sub.add_argument("--classes", dest="classes_file", help="class names, one per line (default class_0, class_1, ...)")
-
-
-def _handle(args: argparse.Namespace) -> int:
-    from pipelines.runtime import init_ray
-
-    known = {f.name for f in dataclasses.fields(IngestConfig)}
-    cfg = IngestConfig(**{k: v for k, v in vars(args).items() if k in known})
-    check_config(cfg)
-    init_ray(args.address)
-    summary = run(cfg)
-    print(format_summary(summary))
-    return 0
+# ---------------------------------------------------------------- summary
 
 
 def format_summary(summary: dict[str, Any]) -> str:

@@ -5,14 +5,15 @@ reads the Parquet files, and Ray Data tasks decode the JPEG/PNG bytes and
 apply the torchvision transforms (a :class:`Preprocessor` per worker process,
 in ``map_batches``), so the training loop only receives ready uint8 tensors
 from ``iter_torch_batches``. They stay uint8 until the consumer normalises
-them (:func:`models.transforms.normalise`, on its own device): a 224 px image
+them (:func:`models.transforms.model_input`, on its own device): a 224 px image
 is 150 KB that way instead of 600 KB of float32 through the object store and
 to the GPU.
 
-Decoding and the eval transform come from :mod:`models.transforms`, shared with
+Decoding and the train and eval transforms come from :mod:`models.transforms`, shared with
 ingest (which rejects what does not decode) and the server (query uploads), so
 an image means the same thing and gets the same code at every stage.
 """
+
 from __future__ import annotations
 
 import functools
@@ -29,40 +30,21 @@ import pyarrow.parquet as pq
 import ray
 import ray.data
 import torch
-from torchvision.transforms import v2
 
+from contracts.dataset import DatasetDir, multi_hot
+from contracts.fs import resolve
 from models.errors import HashrayError
-from models.transforms import MAX_PIXELS, BadImage, decode_image, eval_transform
-from pipelines.contracts import multi_hot, read_dataset_info, resolve, split_files
+from models.transforms import MAX_PIXELS, BadImage, decode_image, image_transform
 
 logger = logging.getLogger(__name__)
 
 
-# Smallest crop area of the train augmentation. torchvision's ImageNet default
-# (0.08) suits one centred object; a multi-label image keeps all its labels
-# while an 8% crop usually shows one object or none, so the labels would lie.
-TRAIN_CROP_SCALE = (0.5, 1.0)
-
-
 @dataclass(frozen=True)
 class PreprocessConfig:
-    """The transform: output size, train-time augmentation or not."""
+    """The transform: output size, train-time augmentation or not (``models.transforms.image_transform``)."""
 
     image_size: int = 224
     train: bool = False
-
-
-def image_transform(config: PreprocessConfig) -> v2.Compose:
-    """PIL image -> uint8 tensor (3, S, S).
-
-    Train: random resized crop (``TRAIN_CROP_SCALE`` of the area) + horizontal flip. Eval: resize the shorter side
-    to S*256/224, then centre crop S. Normalisation is the consumer's, per batch.
-    """
-    if not config.train:
-        return eval_transform(config.image_size)
-    return v2.Compose(
-        [v2.RandomResizedCrop(config.image_size, scale=TRAIN_CROP_SCALE, antialias=True), v2.RandomHorizontalFlip(), v2.PILToTensor()]
-    )
 
 
 class Preprocessor:
@@ -81,11 +63,13 @@ class Preprocessor:
         max_pixels: decompression-bomb limit for one image.
     """
 
-    def __init__(self, config: PreprocessConfig, num_classes: int, seed: int | None = None, max_pixels: int = MAX_PIXELS) -> None:
+    def __init__(
+        self, config: PreprocessConfig, num_classes: int, seed: int | None = None, max_pixels: int = MAX_PIXELS
+    ) -> None:
         self.config = config
         self.num_classes = num_classes
         self.max_pixels = max_pixels
-        self.transform = image_transform(config)
+        self.transform = image_transform(config.image_size, train=config.train)
         # The augmentation draws from its own generator: seeding it must not
         # touch the process-wide torch RNG of whoever calls us.
         self.generator = torch.Generator()
@@ -132,10 +116,9 @@ def _worker_seed(seed: int) -> int:
 
 
 def preprocess_split(
-    dataset_uri: str,
+    dataset: DatasetDir,
     split: str,
     config: PreprocessConfig,
-    num_classes: int,
     *,
     batch_size: int = 64,
     num_cpus: float = 1.0,
@@ -153,13 +136,16 @@ def preprocess_split(
     processes, and no separate read, repartition or projection tasks compete
     for the CPUs.
 
-    Output columns: ``id`` (str), ``image`` uint8 (3, S, S) (normalise it
-    with :func:`models.transforms.normalise`), ``labels`` float32 multi-hot,
+    Output columns: ``id`` (str), ``image`` uint8 (3, S, S) (feed it to the
+    network with :func:`models.transforms.model_input`), ``labels`` float32
+    multi-hot over the dataset's classes,
     ``error`` (str, "" when the row decoded). With ``keep_errors=False`` rows
     that do not decode are dropped (and logged) and only ``image`` and
     ``labels`` remain, ready for ``iter_torch_batches``.
 
     Args:
+        dataset: the dataset dir, opened once by the command (its files and
+            row counts are not read again here).
         batch_size: rows per Preprocessor call and per output batch.
         num_cpus: CPUs reserved by each task.
         seed: augmentation seed (train mode), see :class:`Preprocessor`.
@@ -173,13 +159,20 @@ def preprocess_split(
             per worker): for a consumer that spreads the pieces itself, as
             encode's actor pool does once Ray Data fuses decoding into it.
     """
-    files = split_files(dataset_uri, split)
-    rows = read_dataset_info(dataset_uri)["splits"][split]
+    files = dataset.split_files(split)  # listed when the command opened the dir: no request here
+    rows = dataset.rows(split)
+    num_classes = len(dataset.classes)  # the width of the multi-hot labels
     least = max(max_workers, min_pieces)
     pieces = split_pieces(files, least * max(1, math.ceil(rows / (least * MAX_PIECE_ROWS))))
-    dataset = ray.data.from_items(pieces, override_num_blocks=len(pieces)).map_batches(
+    prepared = ray.data.from_items(pieces, override_num_blocks=len(pieces)).map_batches(
         preprocess_pieces,
-        fn_kwargs={"config": config, "num_classes": num_classes, "seed": seed, "batch_size": batch_size, "keep_errors": keep_errors},
+        fn_kwargs={
+            "config": config,
+            "num_classes": num_classes,
+            "seed": seed,
+            "batch_size": batch_size,
+            "keep_errors": keep_errors,
+        },
         batch_size=1,
         batch_format="pyarrow",
         num_cpus=num_cpus,
@@ -187,7 +180,7 @@ def preprocess_split(
     )
     # Each yielded batch leaves the task as its own block (Ray Data's default
     # gathers 128 MiB first), so the consumer starts after one batch, not a piece.
-    dataset.context.target_max_block_size = batch_size * 3 * config.image_size**2
+    prepared.context.target_max_block_size = batch_size * 3 * config.image_size**2
     # Ray Data's per-operator reservation starts every execution (each epoch)
     # from zero cluster resources for its first second, so a lone consumer gets
     # one task where max_workers could run (bench/preprocess.py: ratio 1.36 with
@@ -197,8 +190,8 @@ def preprocess_split(
     # without). Without it, output stays bounded all the same: Ray Data's
     # downstream-capacity backpressure pauses the tasks a few blocks ahead of a
     # slow consumer (about 100 MB at 224 px).
-    dataset.context.op_resource_reservation_enabled = share_cpus
-    return dataset
+    prepared.context.op_resource_reservation_enabled = share_cpus
+    return prepared
 
 
 # Most rows of one task. A split is cut into pieces of equal rows, one per
@@ -230,7 +223,13 @@ def split_pieces(files: list[str], pieces: int) -> list[dict[str, Any]]:
 
 
 def preprocess_pieces(
-    pieces: pa.Table, *, config: PreprocessConfig, num_classes: int, seed: int | None, batch_size: int, keep_errors: bool
+    pieces: pa.Table,
+    *,
+    config: PreprocessConfig,
+    num_classes: int,
+    seed: int | None,
+    batch_size: int,
+    keep_errors: bool,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Ray Data task: read the given file pieces and yield them preprocessed, ``batch_size`` rows at a time.
 
@@ -260,18 +259,32 @@ def read_piece(piece: dict[str, Any], batch_size: int) -> Iterator[tuple[str, di
         with filesystem.open_input_file(file_path) as source:
             parquet = pq.ParquetFile(source)
             groups = parquet.metadata.num_row_groups
-            mine = [g for g in range(groups) if (2 * file_index * groups + 2 * g + 1) * pieces // (2 * files * groups) == piece["piece"]]
+            mine = [
+                g
+                for g in range(groups)
+                if (2 * file_index * groups + 2 * g + 1) * pieces // (2 * files * groups) == piece["piece"]
+            ]
             if not mine:
                 continue
-            for record_batch in parquet.iter_batches(batch_size=batch_size, row_groups=mine, columns=["id", "image", "labels"]):
-                yield path, {name: record_batch.column(name).to_numpy(zero_copy_only=False) for name in ("id", "image", "labels")}
+            for record_batch in parquet.iter_batches(
+                batch_size=batch_size, row_groups=mine, columns=["id", "image", "labels"]
+            ):
+                yield (
+                    path,
+                    {
+                        name: record_batch.column(name).to_numpy(zero_copy_only=False)
+                        for name in ("id", "image", "labels")
+                    },
+                )
 
 
 def _without_errors(batch: dict[str, np.ndarray], path: str) -> dict[str, np.ndarray]:
     ok = batch["error"] == ""
     if ok.all():  # the usual case: no copy of the images
         return {"image": batch["image"], "labels": batch["labels"]}
-    logger.warning("preprocess: skipped %d rows of %s that do not decode: %s", (~ok).sum(), path, batch["error"][~ok][0])
+    logger.warning(
+        "preprocess: skipped %d rows of %s that do not decode: %s", (~ok).sum(), path, batch["error"][~ok][0]
+    )
     return {"image": batch["image"][ok], "labels": batch["labels"][ok]}
 
 

@@ -1,4 +1,5 @@
 """Connecting to Ray and setting up logging, shared by every stage's driver."""
+
 from __future__ import annotations
 
 import logging

@@ -10,6 +10,7 @@ workers, so rows read = rows written + rows rejected holds from the start.
 Reason codes found here: ``malformed_row``, ``label_width``, ``label_value``,
 ``no_label``, ``unknown_label``, ``path_outside_root``, ``duplicate_id``.
 """
+
 from __future__ import annotations
 
 import csv
@@ -22,8 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from contracts.fs import read_bytes, read_json
 from models.errors import HashrayError
-from pipelines.contracts import read_bytes, read_json
 
 
 @dataclass(frozen=True)
@@ -129,11 +130,16 @@ def read_txtlist(lists: dict[str, str], classes_file: str | None = None) -> Sour
     """
     if not lists:
         raise HashrayError("txtlist needs at least one of --train, --query, --database (list files)")
-    lines = [(split, uri, number, line.split()) for split, uri in lists.items() for number, line in _numbered_lines(uri)]
+    lines = [
+        (split, uri, number, line.split()) for split, uri in lists.items() for number, line in _numbered_lines(uri)
+    ]
     if not lines:
         raise HashrayError(f"the list files {', '.join(lists.values())} hold no rows")
     classes = read_classes(classes_file) if classes_file else _numbered_classes(lines)
-    rows = [_txtlist_row(seq, split, f"{uri}:{number}", tokens, len(classes)) for seq, (split, uri, number, tokens) in enumerate(lines)]
+    rows = [
+        _txtlist_row(seq, split, f"{uri}:{number}", tokens, len(classes))
+        for seq, (split, uri, number, tokens) in enumerate(lines)
+    ]
     return Source(classes=classes, rows=check_rows(rows))
 
 
@@ -215,7 +221,9 @@ def read_folder(csv_uri: str, *, query: int, train: int, seed: int, classes_file
     reader = csv.DictReader(io.StringIO(read_text(csv_uri, "--csv")))
     try:
         if not reader.fieldnames or not {"path", "labels"} <= set(reader.fieldnames):
-            raise HashrayError(f"--csv {csv_uri}: the header must name the columns path,labels (found {reader.fieldnames})")
+            raise HashrayError(
+                f"--csv {csv_uri}: the header must name the columns path,labels (found {reader.fieldnames})"
+            )
         records = [(reader.line_num, record) for record in reader]
     except csv.Error as error:
         raise HashrayError(f"--csv {csv_uri}:{reader.line_num}: not a CSV file ({error})") from error
@@ -259,7 +267,9 @@ def assign_splits(rows: list[SourceRow], *, query: int, train: int, seed: int) -
     if len(good) < 2:
         raise HashrayError(f"the source has {len(good)} good rows; at least 2 are needed (a query and a database row)")
     if not 0 < query < len(good):
-        raise HashrayError(f"--query must be between 1 and {len(good) - 1} (the source has {len(good)} good rows), got {query}")
+        raise HashrayError(
+            f"--query must be between 1 and {len(good) - 1} (the source has {len(good)} good rows), got {query}"
+        )
     if not 0 <= train <= len(good) - query:
         raise HashrayError(f"--train must be between 0 and {len(good) - query} (the database rows), got {train}")
     order = np.random.default_rng(seed).permutation(len(good))
@@ -270,4 +280,3 @@ def assign_splits(rows: list[SourceRow], *, query: int, train: int, seed: int) -
         else:
             splits[good[position]] = ("train", "database") if rank - query < train else ("database",)
     return [dataclasses.replace(row, splits=splits[i]) if i in splits else row for i, row in enumerate(rows)]
-

@@ -15,6 +15,7 @@ train row ``i`` is database row ``i`` (same id, same image), the usual protocol
 of the deep-hashing literature where the training set is sampled from the
 retrieval database and the queries are held out.
 """
+
 from __future__ import annotations
 
 import io
@@ -83,7 +84,9 @@ def synthetic_id(index: int, split: str) -> str:
     return f"{STREAM_PREFIX[split]}-{index:08d}"
 
 
-def synthetic_example(index: int, *, split: str, seed: int, image_size: int, num_classes: int) -> tuple[bytes, list[int]]:
+def synthetic_example(
+    index: int, *, split: str, seed: int, image_size: int, num_classes: int
+) -> tuple[bytes, list[int]]:
     """Draw one image (JPEG bytes) and its sorted class indices.
 
     A pure function of its arguments: ``split="train"`` and ``split="database"``
@@ -140,7 +143,9 @@ def _draw_clutter(draw: ImageDraw.ImageDraw, rng: np.random.Generator, size: int
             draw.line((x0, y0, x1, y1), fill=colour, width=SUPERSAMPLE)
         else:
             box = (x0, y0, x0 + size / 8, y0 + size / 8)
-            draw.arc(box, start=float(rng.uniform(0, 360)), end=float(rng.uniform(0, 360)), fill=colour, width=SUPERSAMPLE)
+            draw.arc(
+                box, start=float(rng.uniform(0, 360)), end=float(rng.uniform(0, 360)), fill=colour, width=SUPERSAMPLE
+            )
 
 
 def _draw_object(pixels: np.ndarray, owner: np.ndarray, rng: np.random.Generator, class_index: int, slot: int) -> int:
@@ -175,12 +180,16 @@ def _shape_mask(shape: str, size: int, centre: np.ndarray, radius: float, angle:
     else:
         unit = _UNIT_POLYGONS[shape]
         cos, sin = math.cos(angle), math.sin(angle)
-        draw.polygon([(cx + radius * (x * cos - y * sin), cy + radius * (x * sin + y * cos)) for x, y in unit], fill=255)
+        draw.polygon(
+            [(cx + radius * (x * cos - y * sin), cy + radius * (x * sin + y * cos)) for x, y in unit], fill=255
+        )
     return image
 
 
 def _regular(sides: int, start: float = 0.0) -> list[tuple[float, float]]:
-    return [(math.cos(start + 2 * math.pi * k / sides), math.sin(start + 2 * math.pi * k / sides)) for k in range(sides)]
+    return [
+        (math.cos(start + 2 * math.pi * k / sides), math.sin(start + 2 * math.pi * k / sides)) for k in range(sides)
+    ]
 
 
 def _star() -> list[tuple[float, float]]:
@@ -191,7 +200,20 @@ def _star() -> list[tuple[float, float]]:
     return points
 
 
-_CROSS = [(-0.3, -1), (0.3, -1), (0.3, -0.3), (1, -0.3), (1, 0.3), (0.3, 0.3), (0.3, 1), (-0.3, 1), (-0.3, 0.3), (-1, 0.3), (-1, -0.3), (-0.3, -0.3)]
+_CROSS = [
+    (-0.3, -1),
+    (0.3, -1),
+    (0.3, -0.3),
+    (1, -0.3),
+    (1, 0.3),
+    (0.3, 0.3),
+    (0.3, 1),
+    (-0.3, 1),
+    (-0.3, 0.3),
+    (-1, 0.3),
+    (-1, -0.3),
+    (-0.3, -0.3),
+]
 _UNIT_POLYGONS = {
     "square": _regular(4, math.pi / 4),
     "triangle": _regular(3, -math.pi / 2),
@@ -202,7 +224,9 @@ _UNIT_POLYGONS = {
 }
 
 
-def _texture(texture: str, box: tuple[int, int, int, int], centre: np.ndarray, radius: float, angle: float, base: np.ndarray) -> np.ndarray:
+def _texture(
+    texture: str, box: tuple[int, int, int, int], centre: np.ndarray, radius: float, angle: float, base: np.ndarray
+) -> np.ndarray:
     """The fill of ``box`` (left, top, right, bottom): ``base`` with a pattern that turns with the object."""
     left, top, right, bottom = box
     ys, xs = np.mgrid[top:bottom, left:right].astype(np.float32)

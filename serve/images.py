@@ -1,4 +1,5 @@
 """Stored images out of the service: their bytes by id and their content type."""
+
 from __future__ import annotations
 
 import functools
@@ -9,7 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
 
-from pipelines import contracts
+from contracts.dataset import DatasetDir
+from contracts.fs import resolve
 from serve.index import IdIndex
 
 
@@ -30,9 +32,9 @@ class ImageStore:
     so memory stays bounded whatever the dataset size.
     """
 
-    def __init__(self, dataset_uri: str, *, split: str = "database", cache_row_groups: int = 8) -> None:
-        self._filesystem, _ = contracts.resolve(dataset_uri)
-        self._files = [contracts.resolve(uri)[1] for uri in contracts.split_files(dataset_uri, split)]
+    def __init__(self, dataset: DatasetDir, *, split: str = "database", cache_row_groups: int = 8) -> None:
+        self._filesystem, _ = resolve(dataset.uri)
+        self._files = [resolve(uri)[1] for uri in dataset.split_files(split)]
         ids, locations = [], []
         for file_index, path in enumerate(self._files):
             parquet = pq.ParquetFile(path, filesystem=self._filesystem)

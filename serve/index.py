@@ -6,6 +6,7 @@ the benchmark run the same code. Results follow the ranking rule of
 database position -- and stay exact when merged across shards because every
 shard returns its own exact top-k under that order.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -16,11 +17,10 @@ import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
+from contracts.codes import codes_matrix
 from models.codes import check_bits
 from models.errors import HashrayError
-from pipelines import contracts
 
 # Extra neighbours asked of faiss beyond k: when the last of them is farther
 # than the k-th, every item tied with the k-th is among them and the tie-break
@@ -37,7 +37,7 @@ class Hits:
     ids: list[str] | None = None
     labels: list[list[int]] | None = None
 
-    def take(self, order: np.ndarray) -> "Hits":
+    def take(self, order: np.ndarray) -> Hits:
         def pick(values: list | None) -> list | None:
             return None if values is None else [values[i] for i in order]
 
@@ -113,9 +113,9 @@ class CodeBook:
         self._codes = np.ascontiguousarray(codes, dtype=np.uint8)
 
     @classmethod
-    def from_table(cls, table: pa.Table) -> "CodeBook":
+    def from_table(cls, table: pa.Table) -> CodeBook:
         """A code book over a codes table (columns id, code)."""
-        return cls(table.column("id"), contracts.codes_matrix(table))
+        return cls(table.column("id"), codes_matrix(table))
 
     def __len__(self) -> int:
         return len(self._codes)
@@ -160,10 +160,10 @@ class ShardIndex:
         self._labels = combined(labels)
 
     @classmethod
-    def from_table(cls, table: pa.Table, *, start: int, tie_margin: int = DEFAULT_TIE_MARGIN) -> "ShardIndex":
+    def from_table(cls, table: pa.Table, *, start: int, tie_margin: int = DEFAULT_TIE_MARGIN) -> ShardIndex:
         """A shard over a codes table slice (columns id, code, labels)."""
         return cls(
-            contracts.codes_matrix(table),
+            codes_matrix(table),
             start=start,
             ids=table.column("id"),
             labels=table.column("labels"),
@@ -200,7 +200,9 @@ class ShardIndex:
         if self._ids is None or self._labels is None:
             raise HashrayError("this shard was built without ids and labels")
         local = pa.array(hits.positions - self.start, type=pa.int64())
-        return Hits(hits.distances, hits.positions, self._ids.take(local).to_pylist(), self._labels.take(local).to_pylist())
+        return Hits(
+            hits.distances, hits.positions, self._ids.take(local).to_pylist(), self._labels.take(local).to_pylist()
+        )
 
     def _within(self, query: np.ndarray, radius: int, k: int) -> Hits:
         """Every item at distance <= radius, ranked, first k (faiss's radius is exclusive)."""
@@ -220,24 +222,3 @@ def search_shards(shards: Sequence[ShardIndex], queries: np.ndarray, k: int, rad
     """In-process scatter/merge over shards: what the Serve ingress does over replicas."""
     per_shard = [shard.topk(queries, k, radius) for shard in shards]
     return [merge_hits([hits[row] for hits in per_shard], k) for row in range(len(queries))]
-
-
-def read_codes_slice(codes_uri: str, start: int, stop: int) -> tuple[dict, pa.Table]:
-    """Rows [start, stop) of a complete codes dir, reading only the files that overlap them."""
-    manifest = contracts.read_manifest(codes_uri)
-    filesystem, _ = contracts.resolve(codes_uri)
-    pieces, offset = [], 0
-    for uri in contracts.parquet_files(codes_uri):
-        parquet = pq.ParquetFile(contracts.resolve(uri)[1], filesystem=filesystem)
-        rows = parquet.metadata.num_rows
-        low, high = max(start, offset), min(stop, offset + rows)
-        if low < high:
-            pieces.append(parquet.read(columns=["id", "code", "labels"]).slice(low - offset, high - low))
-        offset += rows
-    if offset != manifest["count"]:
-        raise HashrayError(f"{codes_uri}: manifest says {manifest['count']} codes but the Parquet files hold {offset}")
-    if not 0 <= start <= stop <= offset:
-        raise HashrayError(f"{codes_uri}: rows [{start}, {stop}) are outside its {offset} codes")
-    schema = contracts.codes_schema(manifest["bits"])
-    table = pa.concat_tables([p.cast(schema) for p in pieces]) if pieces else schema.empty_table()
-    return manifest, table

@@ -1,4 +1,5 @@
 """Shared fixtures: one small local Ray for the whole test session."""
+
 from __future__ import annotations
 
 import os
@@ -14,7 +15,7 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
-        from serve.app import use_fast_http
+        from serve.start import use_fast_http
 
         use_fast_http()  # the serve tests run Serve as `hashray serve` does
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -35,5 +36,17 @@ def tiny_dataset(ray_session, tmp_path_factory) -> str:
     from pipelines.ingest import IngestConfig, run
 
     out = str(tmp_path_factory.mktemp("tiny") / "ds")
-    run(IngestConfig(source="synthetic", out=out, train=96, query=24, database=128, image_size=32, num_classes=6, seed=0, rows_per_file=64))
+    run(
+        IngestConfig(
+            source="synthetic",
+            out=out,
+            train=96,
+            query=24,
+            database=128,
+            image_size=32,
+            num_classes=6,
+            seed=0,
+            rows_per_file=64,
+        )
+    )
     return out

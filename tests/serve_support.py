@@ -1,4 +1,5 @@
 """Builds a small servable set (run dir, codes dirs) and runs the Serve app for the serve tests."""
+
 from __future__ import annotations
 
 import contextlib
@@ -15,11 +16,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from contracts.codes import codes_table, write_manifest
+from contracts.dataset import DatasetDir
+from contracts.run import RunDir
 from models.codes import hamming_distances, pack_codes, topk_by_hamming
 from models.errors import HashrayError
 from models.network import HashNetConfig, ResNetHash
-from models.transforms import decode_image, eval_transform, normalise
-from pipelines import contracts
+from models.transforms import decode_image, eval_transform, model_input
 from serve.index import slice_bounds
 
 BITS = 16
@@ -30,35 +33,36 @@ def make_run(path: Path, classes: list[str]) -> str:
     """An untrained ResNet-18 hash model saved as a finished run."""
     torch.manual_seed(0)
     config = HashNetConfig(arch="resnet18", bits=BITS, image_size=IMAGE_SIZE, classes=tuple(classes), loss="cosine")
-    contracts.save_model(str(path), ResNetHash(config.arch, config.bits).eval(), config)
+    ResNetHash.from_config(config).save(path)
     return str(path)
 
 
 def database_table(dataset: str) -> pa.Table:
-    return pa.concat_tables(pq.read_table(f) for f in contracts.split_files(dataset, "database"))
+    return pa.concat_tables(pq.read_table(f) for f in DatasetDir.open(dataset).split_files("database"))
 
 
 def encode_images(run: str, images: list[bytes]) -> np.ndarray:
     """Packed codes computed the way the Encoder deployment computes them."""
-    model, config = contracts.load_model(run)
-    transform = eval_transform(config.image_size)
+    run_dir = RunDir.open(run)
+    model = run_dir.load_model()
+    transform = eval_transform(run_dir.config.image_size)
     pixels = torch.stack([transform(decode_image(data)) for data in images])
-    return pack_codes(model.encode(normalise(pixels, config.mean, config.std)).numpy())
+    return pack_codes(model.encode(model_input(pixels, run_dir.config)).numpy())
 
 
 def write_codes(path: Path, ids: list[str], codes: np.ndarray, labels: list[list[int]], files: int) -> str:
     """A codes dir over ``files`` Parquet files, manifest last."""
-    table = pa.table(
-        {"id": ids, "code": [bytes(row) for row in codes], "labels": labels}, schema=contracts.codes_schema(BITS)
-    )
+    table = codes_table(ids, np.asarray(codes, dtype=np.uint8), pa.array(labels, type=pa.list_(pa.int32())))
     path.mkdir(parents=True)
     for part, (a, b) in enumerate(slice_bounds(len(ids), files)):
         pq.write_table(table.slice(a, b - a), path / f"part-{part:03d}.parquet")
-    contracts.write_manifest(str(path), bits=BITS, count=len(ids), model="test", dataset="tiny", split="database")
+    write_manifest(str(path), bits=BITS, count=len(ids), model="test", dataset="tiny", split="database")
     return str(path)
 
 
-def expected_ids(codes: np.ndarray, ids: list[str], query: np.ndarray, k: int, radius: int | None = None) -> tuple[list[str], list[int]]:
+def expected_ids(
+    codes: np.ndarray, ids: list[str], query: np.ndarray, k: int, radius: int | None = None
+) -> tuple[list[str], list[int]]:
     """Brute-force ranking (stable by database position): ids and distances."""
     distances = hamming_distances(query[None, :], codes)[0]
     if radius is not None:
@@ -83,7 +87,7 @@ class Servable:
 
 
 def make_servable(dataset: str, root: Path) -> Servable:
-    classes = contracts.read_dataset_info(dataset)["classes"]
+    classes = list(DatasetDir.open(dataset).classes)
     run = make_run(root / "run", classes)
     table = database_table(dataset)
     ids, images, labels = (table.column(c).to_pylist() for c in ("id", "image", "labels"))
@@ -119,7 +123,8 @@ def running_app(cfg) -> Iterator[str]:
     """
     from ray import serve
 
-    from serve.app import build_app, start_http
+    from serve.app import build_app
+    from serve.start import start_http
 
     for attempt in range(3):
         try:

@@ -1,12 +1,13 @@
 """``hashray demo --quick --no-serve``: the whole pipeline, then a second run that reuses every stage."""
+
 from __future__ import annotations
 
 import json
 
 import pytest
 
-from pipelines.cli import main
-from pipelines.demo import QUICK
+from hashray.cli import main
+from hashray.demo import QUICK
 
 
 @pytest.mark.heavy

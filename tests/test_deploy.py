@@ -1,4 +1,5 @@
 """The cluster files: cluster.yaml against Ray's own schema, KubeRay manifests by kind."""
+
 from __future__ import annotations
 
 import json
@@ -10,7 +11,7 @@ import pytest
 import ray
 import yaml
 
-from pipelines.cli import build_parser
+from hashray.cli import build_parser
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "deploy" / "k8s"
@@ -71,7 +72,7 @@ def test_rayservice_serve_config_builds_a_hashray_app_config():
 
     from ray.serve.schema import ServeDeploySchema
 
-    from serve.app import ServeConfig
+    from serve.config import ServeConfig
 
     serve_config = yaml.safe_load(load_yaml(K8S / "rayservice.yaml")["spec"]["serveConfigV2"])
     local = load_yaml(ROOT / "serve" / "config.yaml")

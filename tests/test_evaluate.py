@@ -1,4 +1,5 @@
 """Evaluation metrics against brute-force references, and the evaluate command."""
+
 from __future__ import annotations
 
 import json
@@ -9,12 +10,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from contracts.codes import codes_schema, write_manifest
+from hashray.cli import main
 from models.codes import pack_codes, unpack_codes
 from models.errors import HashrayError
-from pipelines import contracts
-from pipelines.cli import main
-from pipelines.evaluate import (
-    EvaluateConfig,
+from models.metrics import (
     average_cumulative_gain,
     average_precision,
     evaluate_codes,
@@ -22,9 +22,9 @@ from pipelines.evaluate import (
     label_words,
     ndcg,
     random_codes_map,
-    run,
     weighted_average_precision,
 )
+from pipelines.evaluate import EvaluateConfig, run
 
 # ---------------------------------------------------------------- brute force
 
@@ -65,7 +65,7 @@ def random_case(seed: int, *, queries: int, database: int, bits: int, classes: i
 
 
 def words(labels, classes):
-    return label_words(pa.array(labels, type=pa.list_(pa.int32())), classes)
+    return label_words([len(row) for row in labels], [c for row in labels for c in row], classes)
 
 
 # ---------------------------------------------------------------- per-query functions
@@ -110,7 +110,9 @@ def test_ideal_levels_and_ndcg_edge_cases():
 def test_evaluate_codes_matches_brute_force(seed, bits, k, chunk_size):
     """8-bit codes over 120 items tie massively, also at the K boundary."""
     classes = 6
-    query_codes, query_labels, db_codes, db_labels = random_case(seed, queries=13, database=120, bits=bits, classes=classes)
+    query_codes, query_labels, db_codes, db_labels = random_case(
+        seed, queries=13, database=120, bits=bits, classes=classes
+    )
     metrics = evaluate_codes(
         query_codes, words(query_labels, classes), db_codes, words(db_labels, classes), topk=k, chunk_size=chunk_size
     )
@@ -150,16 +152,18 @@ def write_codes_dir(path, codes, labels, *, model="run-a", split="query"):
     table = pa.table(
         {
             "id": [f"{split}-{i}" for i in range(len(codes))],
-            "code": pa.FixedSizeBinaryArray.from_buffers(pa.binary(bits // 8), len(codes), [None, pa.py_buffer(codes.tobytes())]),
+            "code": pa.FixedSizeBinaryArray.from_buffers(
+                pa.binary(bits // 8), len(codes), [None, pa.py_buffer(codes.tobytes())]
+            ),
             "labels": pa.array(labels, type=pa.list_(pa.int32())),
         },
-        schema=contracts.codes_schema(bits),
+        schema=codes_schema(bits),
     )
     path.mkdir(parents=True)
     half = len(codes) // 2  # two files: file order is database order
     pq.write_table(table.slice(0, half), path / "part-0.parquet")
     pq.write_table(table.slice(half), path / "part-1.parquet")
-    contracts.write_manifest(str(path), bits=bits, count=len(codes), model=model, dataset="data", split=split)
+    write_manifest(str(path), bits=bits, count=len(codes), model=model, dataset="data", split=split)
     return str(path)
 
 

@@ -1,4 +1,5 @@
 """The shard index: exact top-k and radius search, exact merge across shards."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -6,10 +7,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from contracts.codes import CodesDir, codes_table, write_manifest
 from models.codes import hamming_distances, topk_by_hamming
 from models.errors import HashrayError
-from pipelines import contracts
-from serve.index import CodeBook, IdIndex, ShardIndex, merge_hits, read_codes_slice, search_shards, slice_bounds
+from serve.index import CodeBook, IdIndex, ShardIndex, merge_hits, search_shards, slice_bounds
 
 
 def tied_codes(rng: np.random.Generator, n: int, bytes_per_code: int, pool: int) -> np.ndarray:
@@ -61,9 +62,7 @@ def test_merge_keeps_ids_and_labels_with_their_positions() -> None:
     codes = np.array([[0], [1], [3], [0], [7]], dtype=np.uint8)
     ids = pa.array(["a", "b", "c", "d", "e"])
     labels = pa.array([[0], [1], [2], [0, 1], [3]], type=pa.list_(pa.int32()))
-    shards = [
-        ShardIndex(codes[a:b], start=a, ids=ids[a:b], labels=labels[a:b]) for a, b in slice_bounds(len(codes), 2)
-    ]
+    shards = [ShardIndex(codes[a:b], start=a, ids=ids[a:b], labels=labels[a:b]) for a, b in slice_bounds(len(codes), 2)]
     query = np.zeros((1, 1), dtype=np.uint8)
     merged = merge_hits([shard.search(query, 3)[0] for shard in shards], 3)
     assert merged.ids == ["a", "d", "b"]  # distance 0, 0 (by position), then 1
@@ -113,37 +112,41 @@ def test_slice_bounds_cover_every_row_once() -> None:
 
 def write_codes_dir(path, codes: np.ndarray, files: int) -> pa.Table:
     """A codes dir split over ``files`` Parquet files (rows in file order)."""
-    table = pa.table(
-        {
-            "id": [f"id-{i:04d}" for i in range(len(codes))],
-            "code": pa.array([bytes(row) for row in codes], type=pa.binary(codes.shape[1])),
-            "labels": pa.array([[i % 3] for i in range(len(codes))], type=pa.list_(pa.int32())),
-        },
-        schema=contracts.codes_schema(codes.shape[1] * 8),
-    )
+    labels = pa.array([[i % 3] for i in range(len(codes))], type=pa.list_(pa.int32()))
+    table = codes_table([f"id-{i:04d}" for i in range(len(codes))], codes, labels)
     path.mkdir(parents=True, exist_ok=True)
     for part, (a, b) in enumerate(slice_bounds(len(codes), files)):
         pq.write_table(table.slice(a, b - a), path / f"part-{part:03d}.parquet")
-    contracts.write_manifest(str(path), bits=codes.shape[1] * 8, count=len(codes), model="m", dataset="d", split="database")
+    write_manifest(str(path), bits=codes.shape[1] * 8, count=len(codes), model="m", dataset="d", split="database")
     return table
 
 
-def test_read_codes_slice_spans_files(tmp_path) -> None:
+def test_a_shard_slice_read_spans_files(tmp_path) -> None:
     codes = np.random.default_rng(0).integers(0, 256, size=(23, 2), dtype=np.uint8)
     table = write_codes_dir(tmp_path / "codes", codes, files=4)
+    codes_dir = CodesDir.open(str(tmp_path / "codes"))
     for start, stop in ((0, 23), (0, 5), (4, 17), (22, 23), (6, 6)):
-        manifest, piece = read_codes_slice(str(tmp_path / "codes"), start, stop)
+        manifest, piece = codes_dir.manifest, codes_dir.read(start=start, stop=stop)
         assert manifest["bits"] == 16
         assert piece.equals(table.slice(start, stop - start))
     with pytest.raises(HashrayError, match="outside"):
-        read_codes_slice(str(tmp_path / "codes"), 20, 30)
+        codes_dir.read(start=20, stop=30)
 
 
-def test_read_codes_slice_rejects_incomplete_dirs(tmp_path) -> None:
+def test_a_shard_slice_read_rejects_incomplete_dirs(tmp_path) -> None:
     codes = np.zeros((5, 1), dtype=np.uint8)
     write_codes_dir(tmp_path / "codes", codes, files=1)
-    contracts.write_manifest(str(tmp_path / "codes"), bits=8, count=9, model="m", dataset="d", split="database")
+    write_manifest(str(tmp_path / "codes"), bits=8, count=9, model="m", dataset="d", split="database")
     with pytest.raises(HashrayError, match="manifest says 9"):
-        read_codes_slice(str(tmp_path / "codes"), 0, 5)
+        CodesDir.open(str(tmp_path / "codes")).read(start=0, stop=5)
     with pytest.raises(HashrayError, match="manifest.json"):
-        read_codes_slice(str(tmp_path / "missing"), 0, 1)
+        CodesDir.open(str(tmp_path / "missing")).read(start=0, stop=1)
+
+
+def test_code_book_from_the_id_and_code_columns_of_a_codes_dir(tmp_path) -> None:
+    codes = np.random.default_rng(1).integers(0, 256, size=(17, 2), dtype=np.uint8)
+    table = write_codes_dir(tmp_path / "codes", codes, files=3)
+    book = CodeBook.from_table(CodesDir.open(str(tmp_path / "codes")).read(columns=("id", "code")))
+    assert len(book) == len(codes)
+    for row, item_id in enumerate(table.column("id").to_pylist()):
+        np.testing.assert_array_equal(book.code_of(item_id), codes[row])

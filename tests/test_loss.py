@@ -1,4 +1,5 @@
 """Properties of the pairwise hashing losses (models/loss.py) on tiny tensors."""
+
 from __future__ import annotations
 
 import pytest

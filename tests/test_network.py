@@ -1,4 +1,5 @@
 """ResNetHash: shapes, argument errors and backbone weights loading (models/network.py)."""
+
 from __future__ import annotations
 
 import pytest
@@ -71,7 +72,11 @@ def test_weights_with_wrong_shapes_are_rejected(tmp_path) -> None:
 
 @pytest.mark.parametrize(
     "payload, message",
-    [([1, 2, 3], "found a list"), ({"conv1.weight": "not a tensor"}, "parameter names -> tensors"), ({0: torch.zeros(1)}, "parameter names")],
+    [
+        ([1, 2, 3], "found a list"),
+        ({"conv1.weight": "not a tensor"}, "parameter names -> tensors"),
+        ({0: torch.zeros(1)}, "parameter names"),
+    ],
 )
 def test_files_that_are_not_state_dicts_are_rejected(tmp_path, payload, message: str) -> None:
     path = tmp_path / "odd.pt"

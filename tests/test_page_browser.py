@@ -3,6 +3,7 @@
 Chromium is driven over the DevTools protocol with a small websocket client,
 so nothing but Debian's ``chromium`` package is needed (no browser download).
 """
+
 from __future__ import annotations
 
 import base64
@@ -18,9 +19,9 @@ from typing import Any
 
 import httpx
 import pytest
-
 import serve_support as support
-from serve.app import ServeConfig
+
+from serve.config import ServeConfig
 
 pytestmark = [pytest.mark.heavy, pytest.mark.browser]
 
@@ -103,8 +104,15 @@ class DevTools:
 def page_url(tiny_dataset, tmp_path_factory) -> Iterator[tuple[str, support.Servable]]:
     servable = support.make_servable(tiny_dataset, tmp_path_factory.mktemp("page"))
     cfg = ServeConfig(
-        run=servable.run, codes=servable.codes_dir, data=tiny_dataset, shards=2, port=support.free_port(),
-        encoder_cpus=0.1, shard_cpus=0.1, ingress_cpus=0.1, app_name="hashray-page",
+        run=servable.run,
+        codes=servable.codes_dir,
+        data=tiny_dataset,
+        shards=2,
+        port=support.free_port(),
+        encoder_cpus=0.1,
+        shard_cpus=0.1,
+        ingress_cpus=0.1,
+        app_name="hashray-page",
     )
     with support.running_app(cfg) as url:
         yield url, servable
@@ -161,7 +169,9 @@ def test_upload_shows_thumbnails_and_a_click_searches_again(page_url, browser: D
     assert shown == [r["id"] for r in expected["results"]]
     captions = browser.evaluate("[...document.querySelectorAll('#results .distance')].map(d => d.textContent)")
     assert captions == [f"distance {r['distance']}" for r in expected["results"]]
-    assert browser.evaluate("document.querySelector('#results .labels').textContent") == ", ".join(expected["results"][0]["labels"])
+    assert browser.evaluate("document.querySelector('#results .labels').textContent") == ", ".join(
+        expected["results"][0]["labels"]
+    )
     assert "12 results" in browser.evaluate("document.getElementById('status').textContent")
 
     screenshot = tmp_path / "page.png"

@@ -1,4 +1,5 @@
 """Decoding guards, the Preprocessor worker on plain dicts, and the Ray Data split pipeline."""
+
 from __future__ import annotations
 
 import io
@@ -10,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from contracts.dataset import DatasetDir
 from models.errors import HashrayError
 from models.network import IMAGENET_MEAN, IMAGENET_STD
 from models.transforms import BadImage, decode_image, normalise
@@ -60,15 +62,19 @@ def batch(images: list[bytes], labels: list[list[int]]) -> dict[str, np.ndarray]
     return {
         "id": np.array([f"row-{i}" for i in range(len(images))]),
         "image": np.array(images, dtype=object),
-        "labels": np.array([np.array(l, dtype=np.int32) for l in labels] + [None], dtype=object)[:-1],
+        "labels": np.array([np.array(row, dtype=np.int32) for row in labels] + [None], dtype=object)[:-1],
     }
 
 
 def test_eval_preprocessing_keeps_uint8_pixels_and_multi_hots():
     colour = (200, 30, 90)
-    out = Preprocessor(PreprocessConfig(image_size=16), num_classes=4)(batch([encoded((40, 30), colour), jpeg()], [[0, 3], [2]]))
+    out = Preprocessor(PreprocessConfig(image_size=16), num_classes=4)(
+        batch([encoded((40, 30), colour), jpeg()], [[0, 3], [2]])
+    )
     assert out["image"].shape == (2, 3, 16, 16) and out["image"].dtype == np.uint8
-    np.testing.assert_array_equal(out["image"][0], np.broadcast_to(np.array(colour, dtype=np.uint8)[:, None, None], (3, 16, 16)))
+    np.testing.assert_array_equal(
+        out["image"][0], np.broadcast_to(np.array(colour, dtype=np.uint8)[:, None, None], (3, 16, 16))
+    )
     normalised = normalise(torch.from_numpy(out["image"]), IMAGENET_MEAN, IMAGENET_STD)
     expected = (np.array(colour) / 255 - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)
     np.testing.assert_allclose(normalised[0].mean(dim=(1, 2)).numpy(), expected, atol=1e-5)
@@ -103,10 +109,9 @@ def test_labels_beyond_num_classes_are_a_user_error():
 
 
 def test_preprocess_split_feeds_iter_torch_batches(tiny_dataset):
-    from pipelines.contracts import read_dataset_info
-
-    info = read_dataset_info(tiny_dataset)
-    dataset = preprocess_split(tiny_dataset, "query", PreprocessConfig(image_size=32), len(info["classes"]), batch_size=8)
+    opened = DatasetDir.open(tiny_dataset)
+    info = opened.info
+    dataset = preprocess_split(opened, "query", PreprocessConfig(image_size=32), batch_size=8)
     images, labels = [], []
     for tensors in dataset.select_columns(["image", "labels"]).iter_torch_batches(batch_size=10):
         images.append(tensors["image"])
@@ -122,12 +127,17 @@ def test_pieces_cover_every_row_once_in_order_and_evenly(tmp_path):
     files, ids = [], []
     for part in range(3):
         part_ids = [f"r{part}-{i}" for i in range(10)]
-        table = pa.table({"id": part_ids, "image": [jpeg(i) for i in range(10)], "labels": [[i % 3] for i in range(10)]})
+        table = pa.table(
+            {"id": part_ids, "image": [jpeg(i) for i in range(10)], "labels": [[i % 3] for i in range(10)]}
+        )
         files.append(str(tmp_path / f"part-{part}.parquet"))
         pq.write_table(table, files[-1], row_group_size=3)
         ids += part_ids
     for pieces in (1, 2, 3, 4, 5, 12, 20):
-        per_piece = [[row_id for _, rows in read_piece(piece, batch_size=2) for row_id in rows["id"]] for piece in split_pieces(files, pieces)]
+        per_piece = [
+            [row_id for _, rows in read_piece(piece, batch_size=2) for row_id in rows["id"]]
+            for piece in split_pieces(files, pieces)
+        ]
         assert [row_id for piece in per_piece for row_id in piece] == ids, pieces
         if pieces <= 12:  # no more pieces than row groups: the rows differ by one row group at most
             sizes = [len(piece) for piece in per_piece]
@@ -137,8 +147,6 @@ def test_pieces_cover_every_row_once_in_order_and_evenly(tmp_path):
 def test_preprocess_split_keeps_or_drops_rows_that_do_not_decode(tiny_dataset, tmp_path, monkeypatch):
     """A split of 3 files (7 row groups) with one bad row, read in 2 pieces that span files, then in 8 pieces."""
     import shutil
-
-    from pipelines.contracts import read_dataset_info
 
     data = tmp_path / "ds"
     shutil.copytree(tiny_dataset, data)
@@ -151,16 +159,16 @@ def test_preprocess_split_keeps_or_drops_rows_that_do_not_decode(tiny_dataset, t
     table = table.set_column(table.schema.get_field_index("image"), "image", pa.array(images, pa.binary()))
     for part, start in enumerate(range(0, table.num_rows, 10)):
         pq.write_table(table.slice(start, 10), data / "query" / f"part-{part:03d}.parquet", row_group_size=4)
-    num_classes = len(read_dataset_info(str(data))["classes"])
+    opened = DatasetDir.open(str(data))  # after the rewrite: the files are listed at open
 
-    kept = preprocess_split(str(data), "query", PreprocessConfig(image_size=32), num_classes, batch_size=3, max_workers=2)
+    kept = preprocess_split(opened, "query", PreprocessConfig(image_size=32), batch_size=3, max_workers=2)
     kept.context.execution_options.preserve_order = True
     rows = kept.take_all()
     assert [row["id"] for row in rows] == table.column("id").to_pylist()
     assert [bool(row["error"]) for row in rows] == [i == 5 for i in range(table.num_rows)]
 
     monkeypatch.setattr(preprocess, "MAX_PIECE_ROWS", 3)  # 24 rows, 2 workers -> 8 pieces, more than row groups
-    dropped = preprocess_split(str(data), "query", PreprocessConfig(image_size=32), num_classes, batch_size=3, keep_errors=False)
+    dropped = preprocess_split(opened, "query", PreprocessConfig(image_size=32), batch_size=3, keep_errors=False)
     batches = list(dropped.iter_torch_batches(batch_size=8))
     assert all(set(batch) == {"image", "labels"} for batch in batches)
     assert sum(len(batch["image"]) for batch in batches) == table.num_rows - 1

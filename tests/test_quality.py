@@ -1,4 +1,5 @@
 """bench/quality.py: the loss-comparison grid, on the tiny dataset, and its table arithmetic."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -10,19 +11,27 @@ from pathlib import Path
 import pytest
 import torch
 
+from contracts.fs import read_json
 from models.errors import HashrayError
 from models.network import ResNetHash
-from pipelines import contracts
 
-_SPEC = importlib.util.spec_from_file_location("bench_quality", Path(__file__).resolve().parents[1] / "bench" / "quality.py")
+_SPEC = importlib.util.spec_from_file_location(
+    "bench_quality", Path(__file__).resolve().parents[1] / "bench" / "quality.py"
+)
 quality = importlib.util.module_from_spec(_SPEC)
 sys.modules[_SPEC.name] = quality  # dataclasses look their module up there
 _SPEC.loader.exec_module(quality)
 
 # Two losses, one code length, fine-tuning only: two hashing runs (the backbone file is given).
 TINY_GRID = dataclasses.replace(
-    quality.PRESETS["quick"], epochs=1, pretrain_epochs=1, batch_size=16, topk=50,
-    losses=("cosine", "dpsh"), bits=(16,), inits=("finetune",),
+    quality.PRESETS["quick"],
+    epochs=1,
+    pretrain_epochs=1,
+    batch_size=16,
+    topk=50,
+    losses=("cosine", "dpsh"),
+    bits=(16,),
+    inits=("finetune",),
 )
 
 
@@ -38,7 +47,7 @@ def test_grid_writes_a_row_per_setting_ratios_and_the_pr_plot(ray_session, tiny_
     rows = {row["setting"]: row for row in payload["rows"]}
     assert set(rows) == {"finetune-cosine-16", "finetune-dpsh-16"}
     for row in rows.values():
-        metrics = contracts.read_json(str(out / "runs" / row["setting"] / "eval" / "metrics.json"))
+        metrics = read_json(str(out / "runs" / row["setting"] / "eval" / "metrics.json"))
         assert row["mAP"] == metrics["mAP"] and 0.0 < row["mAP"] <= 1.0
         assert row["topk"] == 50 and len(row["val_mAP"]) == 1
     (ratio,) = payload["ratios"]
@@ -57,7 +66,15 @@ def test_grid_writes_a_row_per_setting_ratios_and_the_pr_plot(ray_session, tiny_
 
 
 def _row(init: str, loss: str, value: float, val_maps: list[float]) -> dict:
-    return {"init": init, "bits": 32, "loss": loss, "mAP": value, "NDCG": value / 2, "P@r2": value / 4, "val_mAP": val_maps}
+    return {
+        "init": init,
+        "bits": 32,
+        "loss": loss,
+        "mAP": value,
+        "NDCG": value / 2,
+        "P@r2": value / 4,
+        "val_mAP": val_maps,
+    }
 
 
 def test_ratios_and_epochs_to_reach_come_from_the_rows() -> None:

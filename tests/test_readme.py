@@ -1,4 +1,5 @@
 """README commands: every ``hashray`` command parses, and the walkthrough runs as written."""
+
 from __future__ import annotations
 
 import re
@@ -7,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.cli import build_parser, main
+from hashray.cli import build_parser, main
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -15,7 +16,10 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 def shell_blocks(text: str) -> list[list[str]]:
     """The command lines of every ```sh block, in order."""
     blocks = [block.replace("\\\n", " ") for block in re.findall(r"```sh\n(.*?)```", text, flags=re.DOTALL)]
-    return [[line.split("  #")[0].strip() for line in block.splitlines() if line.strip() and not line.startswith("#")] for block in blocks]
+    return [
+        [line.split("  #")[0].strip() for line in block.splitlines() if line.strip() and not line.startswith("#")]
+        for block in blocks
+    ]
 
 
 def hashray_argv(line: str) -> list[str] | None:
@@ -43,7 +47,7 @@ def test_every_hashray_command_in_the_readme_parses():
 
 @pytest.mark.heavy
 def test_walkthrough_runs_as_written(ray_session, tmp_path, monkeypatch, capsys):
-    from serve.app import ServeConfig, check_inputs
+    from serve.config import ServeConfig, check_inputs
 
     *stages, serve_argv = walkthrough()
     assert [argv[0] for argv in stages] == ["ingest", "train", "encode", "encode", "evaluate"]

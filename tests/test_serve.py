@@ -1,4 +1,5 @@
 """The Serve app end to end on the tiny synthetic set: every endpoint, bad input, reload."""
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -13,12 +14,13 @@ from dataclasses import dataclass
 import httpx
 import numpy as np
 import pytest
+import serve_support as support
 import yaml
 from PIL import Image
 
-import serve_support as support
 from models.errors import HashrayError
-from serve.app import ServeConfig, app_builder
+from serve.app import app_builder
+from serve.config import ServeConfig
 
 pytestmark = pytest.mark.heavy
 
@@ -37,15 +39,28 @@ def served(tiny_dataset, tmp_path_factory) -> Served:
     base = support.make_servable(tiny_dataset, root)
     keep = list(range(len(base.ids) - 1, 19, -1))  # 108 rows, reversed: every tie-break changes
     other_ids = [base.ids[i] for i in keep]
-    other_dir = support.write_codes(root / "codes-b", other_ids, base.codes[keep], [base.labels[i] for i in keep], files=2)
+    other_dir = support.write_codes(
+        root / "codes-b", other_ids, base.codes[keep], [base.labels[i] for i in keep], files=2
+    )
     # tie_margin 2 sends most queries of this tie-heavy set through the exact radius fallback.
     cfg = ServeConfig(
-        run=base.run, codes=base.codes_dir, data=tiny_dataset, shards=3, port=support.free_port(), tie_margin=2,
-        encoder_cpus=0.1, shard_cpus=0.1, ingress_cpus=0.1, max_upload_mb=1.0, max_pixels=1_000_000,
+        run=base.run,
+        codes=base.codes_dir,
+        data=tiny_dataset,
+        shards=3,
+        port=support.free_port(),
+        tie_margin=2,
+        encoder_cpus=0.1,
+        shard_cpus=0.1,
+        ingress_cpus=0.1,
+        max_upload_mb=1.0,
+        max_pixels=1_000_000,
         app_name="hashray-test",
     )
     with support.running_app(cfg) as url:
-        yield Served(**vars(base), url=url, other_codes_dir=other_dir, other_ids=other_ids, other_codes=base.codes[keep])
+        yield Served(
+            **vars(base), url=url, other_codes_dir=other_dir, other_ids=other_ids, other_codes=base.codes[keep]
+        )
 
 
 def get(served: Served, path: str, **kwargs) -> httpx.Response:
@@ -170,8 +185,18 @@ BAD_REQUESTS = {
     "radius not a number": (422, "POST", "/search", {"params": {"radius": "near"}, "content": b"x"}),
     "unknown id": (404, "GET", "/search/no-such-id", {}),
     "unknown image": (404, "GET", "/items/no-such-id/image", {}),
-    "multipart no boundary": (400, "POST", "/search", {"content": b"--x\r\n", "headers": {"content-type": "multipart/form-data"}}),
-    "multipart garbage": (400, "POST", "/search", {"content": b"garbage", "headers": {"content-type": "multipart/form-data; boundary=zz"}}),
+    "multipart no boundary": (
+        400,
+        "POST",
+        "/search",
+        {"content": b"--x\r\n", "headers": {"content-type": "multipart/form-data"}},
+    ),
+    "multipart garbage": (
+        400,
+        "POST",
+        "/search",
+        {"content": b"garbage", "headers": {"content-type": "multipart/form-data; boundary=zz"}},
+    ),
     "multipart no image field": (400, "POST", "/search", {"files": {"picture": ("a.jpg", b"\xff\xd8")}}),
     "reload bad json": (400, "POST", "/admin/reload", {"content": b"{not json"}),
     "reload missing dir": (400, "POST", "/admin/reload", {"json": {"codes": "/nonexistent/codes"}}),
@@ -248,7 +273,7 @@ def test_admin_token_is_required_when_configured() -> None:
     from fastapi import HTTPException
     from starlette.requests import Request
 
-    from serve.app import check_admin
+    from serve.api import check_admin
 
     def request(headers: dict[str, str]) -> Request:
         return Request({"type": "http", "headers": [(k.encode(), v.encode()) for k, v in headers.items()]})
@@ -279,7 +304,7 @@ def test_serve_config_file_builds_the_app(served: Served, tiny_dataset: str) -> 
 
 
 def test_cli_reports_missing_inputs_in_one_line(tmp_path, capsys) -> None:
-    from pipelines.cli import main
+    from hashray.cli import main
 
     code = main(["serve", "--run", str(tmp_path / "run"), "--codes", str(tmp_path / "codes"), "--data", str(tmp_path)])
     assert code == 2

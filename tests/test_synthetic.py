@@ -1,4 +1,5 @@
 """The synthetic data set generator: deterministic, multi-label, long-tailed, decodable."""
+
 from __future__ import annotations
 
 import io
@@ -61,7 +62,9 @@ def test_an_object_hidden_by_later_ones_loses_its_label():
     assert synthetic._visible_labels(owner, np.array([4, 2]), [50, 50]) == [2, 4]
 
 
-@pytest.mark.parametrize("kwargs", [{"split": "validation"}, {"num_classes": 1}, {"num_classes": synthetic.MAX_CLASSES + 1}])
+@pytest.mark.parametrize(
+    "kwargs", [{"split": "validation"}, {"num_classes": 1}, {"num_classes": synthetic.MAX_CLASSES + 1}]
+)
 def test_bad_arguments_raise_a_user_error(kwargs):
     with pytest.raises(HashrayError):
         synthetic_example(0, **{"split": "query", **DRAW, **kwargs})

@@ -1,22 +1,26 @@
 """``hashray train``: Ray Train runs on the tiny dataset, resumption, and every bad input."""
+
 from __future__ import annotations
 
 import dataclasses
 import json
-import signal
 import shutil
+import signal
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torchvision
+from faults import FAULT_MARKER, exit_once
 
+from contracts.fs import join, write_json
+from contracts.run import HISTORY_JSON, RunDir
+from hashray.cli import main
 from models.errors import HashrayError
+from models.metrics import mean_average_precision, multi_hot_words
 from models.network import ResNetHash
-from pipelines import contracts
-from pipelines.cli import main
-from pipelines.train import FAULT_ENV, FAULT_MARKER, HISTORY_JSON, TrainConfig, mean_average_precision, net_config, run, validate
+from pipelines.train import TrainConfig, net_config, run, validate
 
 # Small and fast: 32 px, 16 rows per step, a few validation images.
 # 2 CPUs: the workers and the preprocessing actor leave a whole CPU for Parquet reads.
@@ -36,7 +40,8 @@ def test_one_worker_run_writes_the_model_and_a_rerun_resumes(ray_session, tiny_d
     assert signal.getsignal(signal.SIGINT) is handler  # Ray Train's own Ctrl-C handler does not outlive the run
     assert final["epoch"] == 1 and 0.0 <= final["val_mAP"] <= 1.0
     assert final["pair_pool"] == TINY["batch_size"]  # one worker: the pool is the batch itself
-    model, config = contracts.load_model(run_dir)
+    opened = RunDir.open(run_dir)
+    model, config = opened.load_model(), opened.config
     assert config == net_config(cfg, json.loads(Path(tiny_dataset, "dataset.json").read_text())["classes"])
     assert model.hash_layer.out_features == 16
     history = json.loads(Path(run_dir, HISTORY_JSON).read_text())["epochs"]
@@ -52,13 +57,13 @@ def test_one_worker_run_writes_the_model_and_a_rerun_resumes(ray_session, tiny_d
 
 
 @pytest.mark.heavy
-def test_two_workers_pair_across_workers_and_survive_a_killed_worker(ray_session, tiny_dataset, tmp_path, monkeypatch) -> None:
+def test_two_workers_pair_across_workers_and_survive_a_killed_worker(ray_session, tiny_dataset, tmp_path) -> None:
     run_dir = str(tmp_path / "run2")
-    monkeypatch.setenv(FAULT_ENV, "1")  # the last worker dies once at the start of epoch 2
+    fault = exit_once(run_dir, epoch=1)  # the last worker dies once at the start of epoch 2
     cfg = TrainConfig(data=tiny_dataset, run=run_dir, epochs=2, workers=2, cpus_per_worker=0.25, max_failures=1, **TINY)
     # The one-worker test covers validation; epoch 1 runs with the backbone frozen.
     cfg = dataclasses.replace(cfg, val_queries=0, freeze_epochs=1)
-    final = run(cfg)
+    final = run(cfg, on_epoch_start=fault)
     assert Path(run_dir, FAULT_MARKER).exists()  # the fault fired
     # Resumed from the epoch-1 checkpoint (not restarted from scratch) and ended at epoch 2.
     assert final["epoch"] == 2 and final["resumed_from"] == 1
@@ -69,7 +74,9 @@ def test_two_workers_pair_across_workers_and_survive_a_killed_worker(ray_session
     # Frozen epoch: backbone (weights and BatchNorm statistics) untouched, hash layer trained; then both train.
     torch.manual_seed(cfg.seed)
     initial = ResNetHash(cfg.arch, cfg.bits).state_dict()
-    epoch1, epoch2 = (torch.load(Path(run_dir, c, "checkpoint.pt"), weights_only=True)["model"] for c in _checkpoints(run_dir))
+    epoch1, epoch2 = (
+        torch.load(Path(run_dir, c, "checkpoint.pt"), weights_only=True)["model"] for c in _checkpoints(run_dir)
+    )
     backbone = [k for k in initial if k.startswith("backbone.")]
     assert all(torch.equal(epoch1[k], initial[k]) for k in backbone)
     assert not torch.equal(epoch1["hash_layer.weight"], initial["hash_layer.weight"])
@@ -79,9 +86,10 @@ def test_two_workers_pair_across_workers_and_survive_a_killed_worker(ray_session
 def test_validation_map_is_one_for_perfect_codes_and_lower_for_shuffled_ones() -> None:
     labels = np.eye(4, dtype=np.float32)[[0, 0, 1, 1, 2, 2, 3, 3]]
     codes = np.packbits(np.repeat(labels > 0, 2, axis=1), axis=1)  # 8 bits: two per class
-    assert mean_average_precision(codes[::2], labels[::2], codes, labels) == pytest.approx(1.0)
+    words = multi_hot_words(labels)
+    assert mean_average_precision(codes[::2], words[::2], codes, words) == pytest.approx(1.0)
     shuffled = codes[[0, 2, 4, 6, 1, 3, 5, 7]]
-    assert mean_average_precision(codes[::2], labels[::2], shuffled, labels) < 1.0
+    assert mean_average_precision(codes[::2], words[::2], shuffled, words) < 1.0
 
 
 # ---------------------------------------------------------------- bad input
@@ -123,10 +131,10 @@ def test_missing_or_empty_train_split_is_rejected(good: TrainConfig, tmp_path) -
 
 def test_resuming_with_other_classes_or_network_is_rejected(good: TrainConfig, tmp_path) -> None:
     classes = json.loads(Path(good.data, "dataset.json").read_text())["classes"]
-    contracts.write_json(contracts.join(good.run, "config.json"), net_config(good, classes[::-1]).to_dict())
+    write_json(join(good.run, "config.json"), net_config(good, classes[::-1]).to_dict())
     with pytest.raises(HashrayError, match="classes .* but run .* was trained on"):
         validate(good)
-    contracts.write_json(contracts.join(good.run, "config.json"), net_config(dataclasses.replace(good, bits=64), classes).to_dict())
+    write_json(join(good.run, "config.json"), net_config(dataclasses.replace(good, bits=64), classes).to_dict())
     with pytest.raises(HashrayError, match="bits 64 -> 16"):
         validate(good)
 

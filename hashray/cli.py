@@ -1,26 +1,17 @@
-"""The ``hashray`` command: one sub-command per stage.
+"""The ``hashray`` command: global flags, one sub-command per stage (:mod:`hashray.commands`).
 
-Each stage module exposes ``add_parser(subparsers)``, which adds its
-sub-command and sets ``handler`` to a function of the parsed arguments. User
-errors (``HashrayError``) become one line on stderr and exit code 2.
+User errors (``HashrayError``, also when Ray wrapped one in its own exception)
+become one line ``hashray COMMAND: error: ...`` on stderr and exit code 2, so
+a typo in a path never shows a traceback; Ctrl-C exits with 130.
 """
+
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
+from hashray.commands import add_commands
 from models.errors import HashrayError
-
-# Sub-command modules, in the order --help lists them.
-STAGE_MODULES = (
-    "pipelines.ingest",
-    "pipelines.train",
-    "pipelines.encode",
-    "pipelines.evaluate",
-    "serve.app",
-    "pipelines.demo",
-)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,15 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module_name in STAGE_MODULES:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as error:
-            if error.name == module_name:  # stage not built yet
-                continue
-            raise
-        module.add_parser(subparsers)
+    add_commands(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
     return parser
 
 

@@ -1,0 +1,245 @@
+"""``hashray demo``: the whole pipeline on the built-in synthetic data set.
+
+ingest -> train -> encode (query, database) -> evaluate -> serve, each stage
+called through its own ``run(cfg)``, exactly as the sub-commands call them.
+A stage whose completion marker exists (``dataset.json``, ``model.pt``,
+``manifest.json``, ``metrics.json``) is reused, so a second run picks up
+where the first stopped; when a stage does run, every later stage runs again
+so no output is older than its input.
+
+The defaults are sized so a fresh 2-core CPU machine finishes ingest, train,
+encode and evaluate in well under 15 minutes; ``--quick`` is a tiny version
+for smoke tests.
+
+It lives in the front door, not in ``pipelines``, because it drives both the
+pipelines and ``serve``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from contracts import fs
+from contracts.codes import MANIFEST_JSON
+from contracts.dataset import DATASET_JSON
+from models.codes import check_bits
+from models.errors import HashrayError
+from models.network import MODEL_PT
+from pipelines import encode, evaluate, ingest, train
+
+logger = logging.getLogger(__name__)
+
+STAGES = ("ingest", "train", "encode", "evaluate", "serve")
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """Sizes and schedule of the demo; :data:`QUICK` is the tiny variant.
+
+    Args:
+        out: folder holding the stage outputs (``data/``, ``run/``, ``codes/``, ``eval/``).
+        train: synthetic train rows (the first database rows, same ids).
+        query: synthetic query rows.
+        database: synthetic database rows.
+        image_size: synthetic image side and network input size, in pixels.
+        num_classes: synthetic object classes.
+        epochs: training epochs (resnet18, cosine loss, trained from scratch).
+        batch_size: training images per step.
+        lr: learning rate of the whole network (AdamW).
+        bits: code length, a positive multiple of 8.
+        topk: K of the @K metrics.
+        gpu: train and encode on one GPU.
+        serve: start the web service after evaluating.
+        host: HTTP host of the web service.
+        port: HTTP port of the web service.
+        seed: the data set and training seed.
+    """
+
+    out: str = "build/demo"
+    train: int = 2000
+    query: int = 200
+    database: int = 4000
+    image_size: int = 64
+    num_classes: int = 20
+    epochs: int = 8
+    batch_size: int = 32
+    lr: float = 3e-3
+    bits: int = 32
+    topk: int = 1000
+    gpu: bool = False
+    serve: bool = True
+    host: str = "127.0.0.1"
+    port: int = 8000
+    seed: int = 0
+
+    @property
+    def data(self) -> str:
+        return fs.join(self.out, "data")
+
+    @property
+    def run(self) -> str:
+        return fs.join(self.out, "run")
+
+    def codes(self, split: str) -> str:
+        return fs.join(self.out, "codes", split)
+
+    @property
+    def eval_dir(self) -> str:
+        return fs.join(self.out, "eval")
+
+
+QUICK = DemoConfig(
+    out="build/demo-quick",
+    train=160,
+    query=40,
+    database=240,
+    image_size=32,
+    num_classes=8,
+    epochs=2,
+    batch_size=32,
+    topk=240,
+)
+
+
+def ingest_config(cfg: DemoConfig) -> ingest.IngestConfig:
+    return ingest.IngestConfig(
+        source="synthetic",
+        out=cfg.data,
+        seed=cfg.seed,
+        name="synthetic-demo",
+        train=cfg.train,
+        query=cfg.query,
+        database=cfg.database,
+        image_size=cfg.image_size,
+        num_classes=cfg.num_classes,
+    )
+
+
+def train_config(cfg: DemoConfig) -> train.TrainConfig:
+    # The demo trains from scratch (nothing is downloaded), so the backbone
+    # learns at the full rate rather than the fine-tuning fraction.
+    return train.TrainConfig(
+        data=cfg.data,
+        run=cfg.run,
+        arch="resnet18",
+        bits=cfg.bits,
+        epochs=cfg.epochs,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        backbone_lr_ratio=1.0,
+        gpu=cfg.gpu,
+        image_size=cfg.image_size,
+        seed=cfg.seed,
+        val_queries=min(100, cfg.query),
+        val_database=min(500, cfg.database),
+    )
+
+
+def encode_config(cfg: DemoConfig, split: str) -> encode.EncodeConfig:
+    return encode.EncodeConfig(run=cfg.run, data=cfg.data, split=split, out=cfg.codes(split), gpu=cfg.gpu)
+
+
+def evaluate_config(cfg: DemoConfig) -> evaluate.EvaluateConfig:
+    return evaluate.EvaluateConfig(
+        query=cfg.codes("query"), database=cfg.codes("database"), out=cfg.eval_dir, topk=cfg.topk
+    )
+
+
+class StageRunner:
+    """Runs the stages in order, reusing finished ones until one has to run."""
+
+    def __init__(self) -> None:
+        self.rerun_rest = False
+        self.timings: dict[str, float] = {}
+
+    def stage(self, number: int, name: str, marker: str, work: Callable[[], Any]) -> None:
+        """Run ``work`` unless ``marker`` exists and no earlier stage ran."""
+        header = f"[{number}/{len(STAGES)}] {name}"
+        if fs.exists(marker) and not self.rerun_rest:
+            print(f"{header}: done before, reusing ({marker} exists)", flush=True)
+            return
+        print(f"{header} ...", flush=True)
+        started = time.perf_counter()
+        work()
+        self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - started
+        print(f"{header}: finished in {self.timings[name]:.0f} s", flush=True)
+        self.rerun_rest = True
+
+
+def run(cfg: DemoConfig) -> dict[str, Any]:
+    """Ingest, train, encode and evaluate; return the metrics (serving is :func:`serve_demo`)."""
+    runner = StageRunner()
+    runner.stage(
+        1,
+        "ingest: drawing the synthetic data set",
+        fs.join(cfg.data, DATASET_JSON),
+        lambda: print(ingest.format_summary(ingest.run(ingest_config(cfg)))),
+    )
+    if runner.rerun_rest:
+        fs.remove_dir(cfg.run)  # a run dir resumes; new data needs a new run
+    runner.stage(
+        2,
+        f"train: resnet18, {cfg.bits} bits, {cfg.epochs} epochs on {'GPU' if cfg.gpu else 'CPU'}",
+        fs.join(cfg.run, MODEL_PT),
+        lambda: train.run(train_config(cfg)),
+    )
+
+    def encode_both() -> None:
+        for split in ("query", "database"):
+            manifest = encode.run(dataclasses.replace(encode_config(cfg, split), overwrite=runner.rerun_rest))
+            print(f"  {split}: {manifest['count']} codes in {cfg.codes(split)}", flush=True)
+
+    runner.stage(3, "encode: query and database splits", fs.join(cfg.codes("database"), MANIFEST_JSON), encode_both)
+    runner.stage(
+        4, "evaluate", fs.join(cfg.eval_dir, evaluate.METRICS_JSON), lambda: evaluate.run(evaluate_config(cfg))
+    )
+    metrics = fs.read_json(fs.join(cfg.eval_dir, evaluate.METRICS_JSON))
+    print(evaluate.format_table(metrics))
+    print(f"plots and metrics.json: {cfg.eval_dir}")
+    if runner.timings:
+        print(
+            "stage times: "
+            + ", ".join(f"{name.split(':')[0]} {seconds:.0f} s" for name, seconds in runner.timings.items())
+        )
+    return metrics
+
+
+def serve_demo(cfg: DemoConfig) -> None:
+    """Stage 5: serve the demo's database on ``cfg.host:cfg.port`` until interrupted."""
+    from serve.config import ServeConfig
+    from serve.start import run as run_serve
+
+    print(f"[5/{len(STAGES)}] serve: starting the retrieval service ...", flush=True)
+    run_serve(
+        ServeConfig(
+            run=cfg.run,
+            codes=cfg.codes("database"),
+            data=cfg.data,
+            host=cfg.host,
+            port=cfg.port,
+            encoder_gpus=1.0 if cfg.gpu else 0.0,
+        )
+    )
+
+
+def preset(quick: bool) -> DemoConfig:
+    """The configuration flags are laid over: :data:`QUICK` or the full demo, on the GPU when there is one."""
+    return dataclasses.replace(QUICK if quick else DemoConfig(), gpu=torch.cuda.is_available())
+
+
+def check_config(cfg: DemoConfig) -> None:
+    """Reject what a later stage would, before the first one spends minutes."""
+    if cfg.epochs < 1:
+        raise HashrayError(f"--epochs must be at least 1, got {cfg.epochs}")
+    if cfg.gpu and not torch.cuda.is_available():
+        raise HashrayError("--gpu was given but torch sees no CUDA device")
+    check_bits(cfg.bits)
+    ingest.check_config(ingest_config(cfg))
+    train.check_numbers(train_config(cfg))
