@@ -22,6 +22,7 @@ import pyarrow.compute as pc
 from contracts.codes import CodesDir, codes_matrix
 from contracts.fs import join, now_iso, write_bytes, write_json
 from models.errors import HashrayError
+from models.health import code_health, format_health
 from models.metrics import SUMMARY_KEYS, evaluate_codes, label_words, random_codes_map
 
 logger = logging.getLogger(__name__)
@@ -129,6 +130,7 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
         progress_seconds=cfg.progress_seconds,
     )
     metrics["mAP_random"] = random_codes_map(query_words, db_words, bits=metrics["bits"], topk=cfg.topk)
+    metrics.update(database=len(db_codes), **code_health(db_codes, db_words))
     metrics.update(
         query_codes=cfg.query, database_codes=cfg.database, model=database.manifest.get("model"), created=now_iso()
     )
@@ -179,4 +181,6 @@ def format_table(metrics: dict[str, Any]) -> str:
     lines = [header] + [f"  {name:<6} {metrics[name]:.4f}" for name in SUMMARY_KEYS]
     if "mAP_random" in metrics:
         lines[1] += f"   (random codes: {metrics['mAP_random']:.4f})"
+    if "distinct_codes" in metrics:
+        lines += format_health(metrics, metrics["database"])
     return "\n".join(lines)

@@ -179,9 +179,13 @@ def test_run_writes_metrics_and_plots(tmp_path, capsys):
     for key in ("bits", "topk", "mAP", "NDCG", "ACG", "WAP", "P@r2"):
         assert key in metrics
     assert metrics["mAP"] == pytest.approx(expected["mAP"])
+    # Code health of the database codes, in metrics.json and in the printed table.
+    assert metrics["database"] == 50 and metrics["distinct_codes"] == len({bytes(row) for row in db_codes})
+    assert 0.0 < metrics["bit_entropy"] <= 1.0 and metrics["largest_bucket"] >= 1
     assert (out / "pr_hamming.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "top_n.png").read_bytes()[:4] == b"\x89PNG"
-    assert "mAP" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "mAP" in printed and f"codes  {metrics['distinct_codes']} distinct of 50" in printed
     # K larger than the database is clipped.
     assert run(EvaluateConfig(query=query, database=database, out=str(out), topk=10_000))["topk"] == 50
 
