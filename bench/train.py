@@ -35,14 +35,13 @@ import torch  # noqa: E402
 
 from contracts.dataset import DATASET_JSON, DatasetDir  # noqa: E402
 from contracts.fs import exists, join  # noqa: E402
-from models.loss import build_loss  # noqa: E402
 from models.network import ResNetHash  # noqa: E402
 from models.transforms import model_input  # noqa: E402
 from pipelines.ingest import IngestConfig  # noqa: E402
 from pipelines.ingest import run as ingest  # noqa: E402
 from pipelines.preprocess import PreprocessConfig, Preprocessor  # noqa: E402
 from pipelines.train import TrainConfig, net_config, run  # noqa: E402
-from pipelines.train_loop import build_optimizer  # noqa: E402
+from pipelines.train_loop import build_optimizer, training_loss  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -135,7 +134,7 @@ def plain_loop(
     model = ResNetHash.from_config(net).to(device)
     if args.gpu:
         model = model.to(memory_format=torch.channels_last)
-    optimizer, loss_fn = build_optimizer(model, cfg), build_loss(cfg.loss, cfg.quant_weight)
+    optimizer, loss_fn = build_optimizer(model, cfg), training_loss(cfg)
     model.train()
     rates = []
     for _ in range(args.epochs):

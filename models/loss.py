@@ -1,5 +1,5 @@
-"""Pairwise hashing losses: the paper's multi-level cosine loss and three baselines,
-plus a multi-label classification loss used to pre-train a backbone.
+"""Hashing losses: the paper's multi-level cosine loss, three pairwise baselines and
+CSQ (hash centres), plus a multi-label classification loss used to pre-train a backbone.
 
 Every loss takes the relaxed codes ``h`` in (-1, 1) of the local batch, their
 multi-hot labels, and optionally codes/labels gathered from other workers.
@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.errors import HashrayError
+from models.regularizers import Regularized
 
 # IDHN's thresholds for "hard" similarity (s near 0 or 1), as in its reference code.
 _HARD_LOW, _HARD_HIGH = 0.01, 0.99
@@ -193,22 +194,98 @@ class ClassifierLoss(nn.Module):
         return _likelihood(self.alpha * codes[:, :classes].float(), labels.float()).mean()
 
 
-LOSSES: dict[str, type[PairLoss]] = {
+def hadamard(order: int) -> torch.Tensor:
+    """Sylvester's Hadamard matrix of a power-of-two ``order``: +-1 rows, pairwise orthogonal."""
+    matrix = torch.ones(1, 1)
+    while matrix.shape[0] < order:
+        matrix = torch.cat([torch.cat([matrix, matrix], 1), torch.cat([matrix, -matrix], 1)])
+    return matrix
+
+
+def hash_centers(classes: int, bits: int, seed: int = 0) -> torch.Tensor:
+    """CSQ's hash centres, one +-1 row of ``bits`` per class, the same on every worker.
+
+    Rows of a Hadamard matrix and of its negation when they suffice (any two
+    centres then differ in K/2 or K bits); otherwise seeded Bernoulli(0.5)
+    rows, as in the CSQ paper.
+    """
+    if bits & (bits - 1) == 0 and classes <= 2 * bits:
+        square = hadamard(bits)
+        return torch.cat([square, -square])[:classes]
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 2, (classes, bits), generator=generator).float() * 2 - 1
+
+
+class CSQLoss(nn.Module):
+    """Central similarity quantisation (Yuan et al., CVPR 2020), for multi-label data.
+
+    Each class has a fixed hash centre (:func:`hash_centers`); an image's target
+    ``c`` is the sign of the sum of its labels' centres (a 0 sum takes a fixed
+    random sign, as in the reference code). The loss is the binary cross-entropy
+    of ``(h + 1) / 2`` against ``(c + 1) / 2`` plus ``lambda Q``. Pointwise:
+    the gathered codes of other workers are not needed.
+    """
+
+    def __init__(self, quant_weight: float = 0.1, seed: int = 0) -> None:
+        super().__init__()
+        self.quant_weight = float(quant_weight)
+        self.seed = seed
+        self._centers: torch.Tensor | None = None
+        self._tie_signs: torch.Tensor | None = None
+
+    def targets(self, labels: torch.Tensor, bits: int) -> torch.Tensor:
+        """The +-1 target code of each row of multi-hot ``labels``."""
+        if self._centers is None or self._centers.shape != (labels.shape[1], bits):
+            self._centers = hash_centers(labels.shape[1], bits, self.seed)
+            generator = torch.Generator().manual_seed(self.seed + 1)
+            self._tie_signs = torch.randint(0, 2, (bits,), generator=generator).float() * 2 - 1
+        summed = labels.float() @ self._centers.to(labels.device)
+        return torch.where(summed == 0, self._tie_signs.to(labels.device), torch.sign(summed))
+
+    def forward(
+        self,
+        codes: torch.Tensor,
+        labels: torch.Tensor,
+        other_codes: torch.Tensor | None = None,
+        other_labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        codes = codes.float()
+        target = (self.targets(labels, codes.shape[1]) + 1) / 2
+        probability = ((codes + 1) / 2).clamp(1e-6, 1 - 1e-6)
+        central = F.binary_cross_entropy(probability, target)
+        return central + self.quant_weight * (codes.abs() - 1.0).pow(2).mean()
+
+
+LOSSES: dict[str, type[nn.Module]] = {
     "cosine": CosineLoss,
     "dpsh": DPSHLoss,
     "idhn": IDHNLoss,
     "hashnet": HashNetLoss,
+    "csq": CSQLoss,
 }
+# The losses of pairs, which also pair each row with the rows gathered from other workers.
+PAIR_LOSSES = {name: loss for name, loss in LOSSES.items() if issubclass(loss, PairLoss)}
 # Not a hashing loss (its outputs are class scores): kept apart so that whatever
 # iterates over LOSSES compares hashing losses only.
 PRETRAIN_LOSSES: dict[str, type[nn.Module]] = {"classify": ClassifierLoss}
 
 
-def build_loss(name: str, quant_weight: float = 0.1) -> nn.Module:
-    """The loss called ``name`` (a key of :data:`LOSSES` or :data:`PRETRAIN_LOSSES`) with quantisation weight ``quant_weight``."""
+def build_loss(
+    name: str, quant_weight: float = 0.1, *, balance_weight: float = 0.0, decorrelation_weight: float = 0.0
+) -> nn.Module:
+    """The loss called ``name`` (a key of :data:`LOSSES` or :data:`PRETRAIN_LOSSES`).
+
+    Args:
+        quant_weight: weight of the quantisation term.
+        balance_weight, decorrelation_weight: weights of the anti-collapse terms
+            of :mod:`models.regularizers` (0: the loss alone, as published).
+    """
     known = {**LOSSES, **PRETRAIN_LOSSES}
     if name not in known:
         raise HashrayError(f"unknown loss {name!r}; choose one of {', '.join(known)}")
     if quant_weight < 0:
         raise HashrayError(f"quant weight must be >= 0, got {quant_weight}")
-    return known[name](quant_weight=quant_weight)
+    loss = known[name](quant_weight=quant_weight)
+    if balance_weight or decorrelation_weight:
+        return Regularized(loss, balance_weight=balance_weight, decorrelation_weight=decorrelation_weight)
+    return loss

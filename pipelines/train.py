@@ -29,9 +29,9 @@ from contracts.fs import Location, absolute, exists, join, read_json, write_json
 from contracts.run import HISTORY_JSON
 from models.codes import check_bits
 from models.errors import HashrayError
-from models.loss import LOSSES, PRETRAIN_LOSSES, build_loss
+from models.loss import LOSSES, PRETRAIN_LOSSES
 from models.network import ARCHS, CONFIG_JSON, HashNetConfig, ResNetHash, check_arch, load_backbone_weights
-from pipelines.train_loop import EpochHook, read_checkpoint, train_loop
+from pipelines.train_loop import EpochHook, read_checkpoint, train_loop, training_loss
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +57,8 @@ class TrainConfig:
             ``classify``: multi-label pre-training of a backbone for ``--weights PATH``
             (needs ``--bits`` >= classes).
         quant_weight: weight of the quantisation term.
+        balance_weight: weight of the bit-balance term against collapse (models.regularizers; 0: off).
+        decorrelation_weight: weight of the bit-decorrelation term against collapse (0: off).
         weights: initial backbone: ``none``, ``imagenet`` or the path of a ResNet state_dict.
         allow_download: let torchvision fetch missing ImageNet weights.
         workers: Ray Train workers (DDP when > 1).
@@ -84,6 +86,8 @@ class TrainConfig:
     freeze_epochs: int = 0
     loss: str = field(default="cosine", metadata={"choices": (*LOSSES, *PRETRAIN_LOSSES)})
     quant_weight: float = 0.1
+    balance_weight: float = 0.0
+    decorrelation_weight: float = 0.0
     weights: str = "none"
     allow_download: bool = False
     workers: int = 1
@@ -169,7 +173,7 @@ def validate(cfg: TrainConfig) -> tuple[DatasetDir, dict[str, torch.Tensor] | No
     """
     check_arch(cfg.arch)
     check_bits(cfg.bits)
-    build_loss(cfg.loss, cfg.quant_weight)
+    training_loss(cfg)
     check_numbers(cfg)
     dataset = DatasetDir.open(cfg.data)
     for split in ("train", "query", "database") if cfg.val_queries else ("train",):
@@ -191,7 +195,15 @@ def check_numbers(cfg: TrainConfig) -> None:
         "data_workers",
         "keep_checkpoints",
     )
-    non_negative = ("freeze_epochs", "backbone_lr_ratio", "weight_decay", "max_failures", "val_queries")
+    non_negative = (
+        "freeze_epochs",
+        "backbone_lr_ratio",
+        "weight_decay",
+        "max_failures",
+        "val_queries",
+        "balance_weight",
+        "decorrelation_weight",
+    )
     for name in positive + non_negative:
         value = getattr(cfg, name)
         if value < 0 or (value == 0 and name in positive):

@@ -69,7 +69,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     if state is None and loop_config["initial_weights"] is not None:
         module.backbone.load_state_dict(ray.get(loop_config["initial_weights"]))
     start_epoch, history = (state["epoch"], state["history"]) if state else (0, [])
-    loss_fn = build_loss(cfg.loss, cfg.quant_weight)
+    loss_fn = training_loss(cfg)
     shard = ray.train.get_dataset_shard("train")
     model = None
     for epoch in range(start_epoch, cfg.epochs):
@@ -88,6 +88,16 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             metrics["val_mAP"] = validation_map(module, device, cfg, net)
         history.append(metrics)
         report_epoch(metrics, rank, module, optimizer, scheduler, history, cfg)
+
+
+def training_loss(cfg: TrainConfig) -> torch.nn.Module:
+    """The configured loss with its quantisation and anti-collapse weights (one place for driver, workers, benches)."""
+    return build_loss(
+        cfg.loss,
+        cfg.quant_weight,
+        balance_weight=cfg.balance_weight,
+        decorrelation_weight=cfg.decorrelation_weight,
+    )
 
 
 def build_optimizer(module: ResNetHash, cfg: TrainConfig) -> torch.optim.Optimizer:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from models.errors import HashrayError
-from models.loss import LOSSES, build_loss, label_cosine
+from models.loss import LOSSES, PAIR_LOSSES, build_loss, hash_centers, label_cosine
 
 
 def _labels(*rows: list[int], classes: int = 4) -> torch.Tensor:
@@ -80,7 +80,7 @@ def test_gradients_are_finite_at_saturation_and_with_empty_labels(name: str) -> 
     assert torch.isfinite(loss) and torch.isfinite(raw.grad).all()
 
 
-@pytest.mark.parametrize("name", sorted(LOSSES))
+@pytest.mark.parametrize("name", sorted(PAIR_LOSSES))
 def test_gathered_rows_join_the_pairs_without_gradient(name: str) -> None:
     torch.manual_seed(1)
     local = torch.tanh(torch.randn(3, 16)).requires_grad_()
@@ -101,7 +101,7 @@ def test_a_single_row_has_no_pairs_but_still_a_quantisation_gradient() -> None:
 
 
 def test_build_loss_rejects_unknown_names_and_negative_weights() -> None:
-    with pytest.raises(HashrayError, match="cosine, dpsh, idhn, hashnet"):
+    with pytest.raises(HashrayError, match="cosine, dpsh, idhn, hashnet, csq"):
         build_loss("triplet")
     with pytest.raises(HashrayError, match="quant weight"):
         build_loss("cosine", quant_weight=-1.0)
@@ -121,3 +121,20 @@ def test_classify_loss_trains_one_output_per_class_and_needs_enough_outputs() ->
     assert torch.equal(raw.detach()[:, :4] > 0, labels > 0)
     with pytest.raises(HashrayError, match="--bits 8 < 12 classes"):
         loss_fn(torch.zeros(2, 8), torch.zeros(2, 12))
+
+
+def test_csq_pulls_each_image_to_the_centroid_of_its_labels_centres() -> None:
+    centers = hash_centers(4, 16)
+    assert torch.equal(centers @ centers.T, 16 * torch.eye(4))  # Hadamard rows: pairwise orthogonal
+    assert not torch.equal(hash_centers(40, 16), hash_centers(40, 16, seed=1))  # too many classes: seeded random
+    loss_fn = build_loss("csq", quant_weight=0.0)
+    labels = _labels([0], [1], [0, 1], classes=4)
+    targets = loss_fn.targets(labels, 16)
+    assert torch.equal(targets[0], centers[0]) and torch.equal(targets[1], centers[1])
+    # Two labels: the sign of the sum of both centres, a fixed sign where they cancel.
+    summed = centers[0] + centers[1]
+    assert torch.equal(targets[2][summed != 0], torch.sign(summed[summed != 0]))
+    assert torch.equal(loss_fn.targets(labels, 16), targets)  # the same targets every step
+    near = build_loss("csq", quant_weight=0.0)(0.999 * targets, labels)
+    far = build_loss("csq", quant_weight=0.0)(-0.999 * targets, labels)
+    assert near.item() < 0.01 < far.item()
