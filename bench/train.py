@@ -7,7 +7,8 @@ and images. The plain loop gets the images decoded and transformed once,
 up front, as tensors in memory (the best case for a single process); hashray
 decodes them every epoch in Ray Data tasks, streams them to the Ray Train
 worker and checkpoints every epoch. The plain loop runs with as many torch
-threads as the Ray worker gets (Ray sets them from --cpus-per-worker).
+threads as the machine has cores (--plain-threads): what a user's own script
+gets; hashray's worker gets what Ray gives it (threads from --cpus-per-worker).
 
 Images/s is taken over the epochs after the first on both sides (steady
 state, warm-up excluded); hashray's per-epoch figure is wall time and so
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import sys
 import tempfile
@@ -60,6 +62,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--data-workers", type=int, default=2, help="most read + preprocess tasks at once")
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs given to Ray (default: all)")
     parser.add_argument("--gpu", action="store_true", help="one GPU, bf16 autocast, channels_last")
+    parser.add_argument(
+        "--plain-threads",
+        type=int,
+        default=os.cpu_count(),
+        help="torch threads of the plain loop (default: every core)",
+    )
     args = parser.parse_args()
     if args.epochs < 2:
         parser.error("--epochs must be at least 2 (the first epoch is warm-up)")
@@ -155,19 +163,24 @@ def plain_loop(
     return rates
 
 
+# hashray against a plain loop that uses every core, as a user's own script would.
+TARGET_RATIO = 0.8
+
+
 def main() -> None:
     args = parse_args()
     ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
     dataset = ensure_dataset(args)
-    threads = max(1, math.floor(args.cpus_per_worker))  # what Ray gives the worker (OMP_NUM_THREADS)
+    worker_threads = max(1, math.floor(args.cpus_per_worker))  # what Ray gives the worker (OMP_NUM_THREADS)
     hashray, waits = with_hashray(args)
-    torch.set_num_threads(threads)
+    torch.set_num_threads(args.plain_threads)
     plain = plain_loop(args, dataset, *decoded_train_split(args, dataset))
     ray.shutdown()
     ours, theirs = statistics.mean(hashray[1:]), statistics.mean(plain[1:])
     print(
         f"\ntrain images/s: {args.arch} {args.image_size}px, batch {args.batch_size}, {dataset.rows('train')} rows, "
-        f"{'GPU bf16' if args.gpu else f'CPU, {threads} torch thread(s)'}, epochs 2..{args.epochs}"
+        f"{'GPU bf16' if args.gpu else f'CPU, hashray worker {worker_threads} / plain loop {args.plain_threads} torch thread(s)'}, "
+        f"epochs 2..{args.epochs}"
     )
     print(f"{'':24}{'per epoch':>28}{'steady':>10}")
     print(f"{'hashray train (Ray)':24}{' '.join(f'{r:8.1f}' for r in hashray):>28}{ours:10.1f}")
@@ -176,7 +189,7 @@ def main() -> None:
     ratio = ours / theirs
     print(
         f"ratio hashray / plain: {ratio:.3f}; target applies to this ratio of the steady epochs: "
-        f">= 0.85 -> {'met' if ratio >= 0.85 else 'NOT met'}"
+        f">= {TARGET_RATIO} -> {'met' if ratio >= TARGET_RATIO else 'NOT met'}"
     )
 
 

@@ -61,10 +61,18 @@ class Preprocessor:
             workers do not repeat each other's crops (which worker gets which batch is
             Ray's choice, so a pipeline's output is not reproducible anyway).
         max_pixels: decompression-bomb limit for one image.
+        per_process: mix the process's worker id into ``seed`` (above); off when
+            the caller derives a seed per piece itself (pipelines.epochs).
     """
 
     def __init__(
-        self, config: PreprocessConfig, num_classes: int, seed: int | None = None, max_pixels: int = MAX_PIXELS
+        self,
+        config: PreprocessConfig,
+        num_classes: int,
+        seed: int | None = None,
+        max_pixels: int = MAX_PIXELS,
+        *,
+        per_process: bool = True,
     ) -> None:
         self.config = config
         self.num_classes = num_classes
@@ -76,7 +84,7 @@ class Preprocessor:
         if seed is None:
             self.generator.seed()
         else:
-            self.generator.manual_seed(_worker_seed(seed))
+            self.generator.manual_seed(_worker_seed(seed) if per_process else seed)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         size = self.config.image_size
@@ -242,7 +250,7 @@ def preprocess_pieces(
     for piece in pieces.to_pylist():
         for path, rows in read_piece(piece, batch_size):
             batch = preprocessor(rows)
-            yield batch if keep_errors else _without_errors(batch, path)
+            yield batch if keep_errors else without_errors(batch, path)
 
 
 def read_piece(piece: dict[str, Any], batch_size: int) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
@@ -278,7 +286,7 @@ def read_piece(piece: dict[str, Any], batch_size: int) -> Iterator[tuple[str, di
                 )
 
 
-def _without_errors(batch: dict[str, np.ndarray], path: str) -> dict[str, np.ndarray]:
+def without_errors(batch: dict[str, np.ndarray], path: str) -> dict[str, np.ndarray]:
     ok = batch["error"] == ""
     if ok.all():  # the usual case: no copy of the images
         return {"image": batch["image"], "labels": batch["labels"]}

@@ -1,11 +1,11 @@
 """``hashray train``: distributed fine-tuning of ResNetHash on Ray Train (V2).
 
-The driver validates the inputs, builds the Ray Data pipelines (the train
-split sharded across workers, a small held-out query/database sample for
-validation) and runs a ``TorchTrainer``. Each worker trains a DDP replica on
-its shard; pairs for the loss are formed between the worker's batch and the
-batches of *all* workers (codes and labels all-gathered), so the pair pool
-grows with the cluster. Every epoch ends with a checkpoint and a validation
+The driver validates the inputs, plans the reading order (a fresh seeded
+shuffle of the train split every epoch and the held-out validation rows,
+:mod:`pipelines.epochs`) and runs a ``TorchTrainer``. Each worker trains a
+DDP replica on its share of each epoch; pairs for the loss are formed
+between the worker's batch and the batches of *all* workers (codes and labels
+all-gathered), so the pair pool grows with the cluster. Every epoch ends with a checkpoint and a validation
 mAP; re-running the same command resumes from the last checkpoint, and a
 crashed worker restarts the run from it (``--max-failures``). At the end the
 run dir holds ``model.pt`` and ``config.json`` (``contracts.run.RunDir``).
@@ -31,11 +31,15 @@ from models.codes import check_bits
 from models.errors import HashrayError
 from models.loss import LOSSES, PRETRAIN_LOSSES
 from models.network import ARCHS, CONFIG_JSON, HashNetConfig, ResNetHash, check_arch, load_backbone_weights
+from pipelines.epochs import EpochPlan, row_groups, segments_dataset
+from pipelines.preprocess import PreprocessConfig
 from pipelines.train_loop import EpochHook, read_checkpoint, train_loop, training_loss
 
 logger = logging.getLogger(__name__)
 
 MIN_IMAGE_SIZE = 32
+# Validation holds out at most 1/10 of the train rows: the rest train.
+MAX_HOLDOUT_SHARE = 10
 
 
 @dataclass(frozen=True)
@@ -69,8 +73,9 @@ class TrainConfig:
         image_size: network input size in pixels.
         seed: initialisation and augmentation seed.
         max_failures: worker failures to recover from (from the last checkpoint).
-        val_queries: held-out query images for the per-epoch mAP (0: no validation).
-        val_database: database images the validation queries are ranked against.
+        val_queries: train rows held out of training as the per-epoch validation queries, at most a tenth
+            of the train split (0: no validation).
+        val_database: training rows the validation queries are ranked against.
         keep_checkpoints: how many epoch checkpoints the run dir keeps.
     """
 
@@ -129,6 +134,7 @@ def fit(
 
     cfg = dataclasses.replace(cfg, data=dataset.uri, run=absolute(cfg.run))
     net = net_config(cfg, dataset.classes)
+    plan = epoch_plan(cfg, dataset)
     write_json(join(cfg.run, CONFIG_JSON), net.to_dict())  # binds the run dir to this network (check_resumable)
     # Through the object store: worker nodes need not see the driver's weights file.
     initial_weights = None if backbone is None else ray.put(backbone)
@@ -139,13 +145,16 @@ def fit(
             "net_config": net,
             "initial_weights": initial_weights,
             "on_epoch_start": on_epoch_start,
+            "plan": plan,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.workers, use_gpu=cfg.gpu, resources_per_worker={"CPU": cfg.cpus_per_worker}
         ),
         run_config=run_config(cfg),
-        datasets=build_datasets(cfg, dataset),
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        datasets=validation_datasets(cfg, plan, len(dataset.classes)),
+        # Each worker reads its own share of each epoch (pipelines.epochs); the
+        # validation samples are small and read whole by rank 0.
+        dataset_config=ray.train.DataConfig(datasets_to_split=[]),
     )
     # Ray Train installs a SIGINT handler (Ctrl-C aborts the run) and leaves it in
     # place: put the caller's back, or Ctrl-C would not stop what follows (the demo's server).
@@ -176,8 +185,8 @@ def validate(cfg: TrainConfig) -> tuple[DatasetDir, dict[str, torch.Tensor] | No
     training_loss(cfg)
     check_numbers(cfg)
     dataset = DatasetDir.open(cfg.data)
-    for split in ("train", "query", "database") if cfg.val_queries else ("train",):
-        dataset.split_files(split)
+    dataset.split_files("train")  # validation reads held-out train rows, never the query or database split
+    check_split_sizes(cfg, dataset.rows("train"))
     check_resumable(cfg, dataset)
     backbone = None if cfg.weights == "none" else load_backbone_weights(cfg.arch, cfg.weights, cfg.allow_download)
     return dataset, backbone
@@ -214,6 +223,20 @@ def check_numbers(cfg: TrainConfig) -> None:
         raise HashrayError(f"--image-size must be at least {MIN_IMAGE_SIZE} pixels, got {cfg.image_size}")
     if cfg.val_queries and cfg.val_database <= 0:
         raise HashrayError(f"--val-database must be > 0 when validating, got {cfg.val_database}")
+
+
+def check_split_sizes(cfg: TrainConfig, train_rows: int) -> None:
+    """Every worker needs rows to train on beside the held-out validation rows."""
+    if train_rows - validation_sizes(cfg, train_rows)[0] < cfg.workers * 2:
+        raise HashrayError(f"{train_rows} train rows leave under 2 rows for each of --workers {cfg.workers}")
+
+
+def validation_sizes(cfg: TrainConfig, train_rows: int) -> tuple[int, int]:
+    """(held-out queries, database rows) of the validation: at most a tenth of the train split is held out."""
+    if not cfg.val_queries:
+        return 0, 0
+    holdout = min(cfg.val_queries, max(1, train_rows // MAX_HOLDOUT_SHARE))
+    return holdout, min(cfg.val_database, train_rows - holdout)
 
 
 def net_config(cfg: TrainConfig, classes: tuple[str, ...] | list[str]) -> HashNetConfig:
@@ -260,30 +283,33 @@ def run_config(cfg: TrainConfig) -> Any:
     )
 
 
-def build_datasets(cfg: TrainConfig, dataset: DatasetDir) -> dict[str, Any]:
-    """Preprocessed ``train`` (sharded per worker) and the validation sample (read by rank 0 only)."""
-    from pipelines.preprocess import PreprocessConfig, preprocess_split
+def epoch_plan(cfg: TrainConfig, dataset: DatasetDir) -> EpochPlan:
+    """The run's reading order: the train split's row groups, the seed, and the held-out validation rows."""
+    holdout, database = validation_sizes(cfg, dataset.rows("train"))
+    if cfg.val_queries and (holdout, database) != (cfg.val_queries, cfg.val_database):
+        logger.info("train: validation on %d held-out train rows against %d training rows", holdout, database)
+    return EpochPlan(tuple(row_groups(dataset)), seed=cfg.seed, holdout=holdout, val_database=database)
 
-    def prepared(split: str, train: bool, limit: int | None = None) -> Any:
-        prepared_split = preprocess_split(
-            dataset,
-            split,
-            PreprocessConfig(image_size=cfg.image_size, train=train),
+
+def validation_datasets(cfg: TrainConfig, plan: EpochPlan, num_classes: int) -> dict[str, Any]:
+    """The validation queries (held-out train rows) and database (training rows), preprocessed once here."""
+    if not cfg.val_queries:
+        return {}
+    evaluation = PreprocessConfig(image_size=cfg.image_size, train=False)
+
+    def prepared(segments: list) -> Any:
+        pieces = [{"segments": [dataclasses.asdict(s) for s in segments], "seed": [cfg.seed]}]
+        return segments_dataset(
+            pieces,
+            evaluation,
+            num_classes,
             batch_size=cfg.batch_size,
             num_cpus=cfg.data_cpus,
-            seed=cfg.seed,
-            max_workers=cfg.data_workers,
-            keep_errors=False,
-            share_cpus=True,  # with the training workers
-        )
-        return prepared_split.limit(limit) if limit else prepared_split
+            max_workers=1,
+            shuffle=False,
+        ).materialize()
 
-    datasets = {"train": prepared("train", True)}
-    if cfg.val_queries:
-        # Small by design: preprocess once here rather than in every epoch's validation.
-        datasets["val_query"] = prepared("query", False, cfg.val_queries).materialize()
-        datasets["val_database"] = prepared("database", False, cfg.val_database).materialize()
-    return datasets
+    return {"val_query": prepared(plan.validation_queries()), "val_database": prepared(plan.validation_database())}
 
 
 def export(cfg: TrainConfig, net: HashNetConfig, state: dict[str, Any]) -> None:

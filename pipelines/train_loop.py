@@ -33,6 +33,8 @@ from models.loss import build_loss
 from models.metrics import mean_average_precision, multi_hot_words
 from models.network import HashNetConfig, ResNetHash
 from models.transforms import model_input
+from pipelines.epochs import EpochPlan, segments_dataset
+from pipelines.preprocess import PreprocessConfig
 
 if TYPE_CHECKING:
     from pipelines.train import TrainConfig
@@ -70,7 +72,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         module.backbone.load_state_dict(ray.get(loop_config["initial_weights"]))
     start_epoch, history = (state["epoch"], state["history"]) if state else (0, [])
     loss_fn = training_loss(cfg)
-    shard = ray.train.get_dataset_shard("train")
+    plan: EpochPlan = loop_config["plan"]
     model = None
     for epoch in range(start_epoch, cfg.epochs):
         if on_epoch_start is not None:
@@ -81,13 +83,27 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         model.train()
         if frozen:
             module.backbone.eval()  # keep the pretrained BatchNorm statistics too
-        metrics = train_one_epoch(model, shard, loss_fn, optimizer, device, cfg, net)
+        data = epoch_data(plan, cfg, len(net.classes), epoch=epoch, rank=rank, workers=world_size)
+        metrics = train_one_epoch(model, data, loss_fn, optimizer, device, cfg, net)
         metrics.update(epoch=epoch + 1, resumed_from=start_epoch, lr=optimizer.param_groups[-1]["lr"])
         scheduler.step()
         if rank == 0 and cfg.val_queries:
             metrics["val_mAP"] = validation_map(module, device, cfg, net)
         history.append(metrics)
         report_epoch(metrics, rank, module, optimizer, scheduler, history, cfg)
+
+
+def epoch_data(plan: EpochPlan, cfg: TrainConfig, num_classes: int, *, epoch: int, rank: int, workers: int) -> Any:
+    """This worker's rows of ``epoch``, shuffled and augmented as the seed says (:mod:`pipelines.epochs`)."""
+    return segments_dataset(
+        plan.pieces(epoch, rank, workers, count=cfg.data_workers),
+        PreprocessConfig(image_size=cfg.image_size, train=True),
+        num_classes,
+        batch_size=cfg.batch_size,
+        num_cpus=cfg.data_cpus,
+        max_workers=cfg.data_workers,
+        shuffle=True,
+    )
 
 
 def training_loss(cfg: TrainConfig) -> torch.nn.Module:
@@ -159,7 +175,10 @@ def train_one_epoch(
     """
     steps, rows, loss_sum, pool_sum, waited = 0, 0, 0.0, 0, 0.0
     started = ready = time.perf_counter()
-    for batch in shard.iter_torch_batches(batch_size=cfg.batch_size, dtypes=BATCH_DTYPES, device=device):
+    # The last partial batch waits for another epoch (the rows differ every epoch):
+    # every step then pairs a full batch, and every rank takes the same steps.
+    batches = shard.iter_torch_batches(batch_size=cfg.batch_size, dtypes=BATCH_DTYPES, device=device, drop_last=True)
+    for batch in batches:
         waited += time.perf_counter() - ready
         if len(batch["image"]) >= 2:  # BatchNorm cannot train on one row; every rank sees the same sizes
             loss, pool = train_step(model, batch, loss_fn, optimizer, device, cfg, net)

@@ -83,6 +83,22 @@ def test_two_workers_pair_across_workers_and_survive_a_killed_worker(ray_session
     assert not torch.equal(epoch2["backbone.conv1.weight"], initial["backbone.conv1.weight"])
 
 
+@pytest.mark.heavy
+def test_a_seed_fixes_the_model_and_validation_reads_only_the_train_split(ray_session, tiny_dataset, tmp_path) -> None:
+    # A copy of the dataset without its query and database files: validation must not need them.
+    data = tmp_path / "train-only"
+    shutil.copytree(tiny_dataset, data)
+    for split in ("query", "database"):
+        shutil.rmtree(data / split)
+    cfg = TrainConfig(data=str(data), run=str(tmp_path / "a"), epochs=2, cpus_per_worker=0.5, **TINY)
+    first = run(cfg)
+    second = run(dataclasses.replace(cfg, run=str(tmp_path / "b")))
+    assert 0.0 <= first["val_mAP"] <= 1.0 and first["val_mAP"] == second["val_mAP"]
+    assert first["loss"] == second["loss"]  # the same batches in the same order, the same crops
+    weights = [torch.load(Path(tmp_path, name, "model.pt"), weights_only=True) for name in ("a", "b")]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
 def test_validation_map_is_one_for_perfect_codes_and_lower_for_shuffled_ones() -> None:
     labels = np.eye(4, dtype=np.float32)[[0, 0, 1, 1, 2, 2, 3, 3]]
     codes = np.packbits(np.repeat(labels > 0, 2, axis=1), axis=1)  # 8 bits: two per class
