@@ -1,10 +1,11 @@
 """Decoding and transforming dataset images in Ray Data workers.
 
-Training and encoding read a split with :func:`preprocess_split`: Ray Data
-reads the Parquet files, and Ray Data tasks decode the JPEG/PNG bytes and
-apply the torchvision transforms (a :class:`Preprocessor` per worker process,
-in ``map_batches``), so the training loop only receives ready uint8 tensors
-from ``iter_torch_batches``. They stay uint8 until the consumer normalises
+Encoding (and the benches) read a split with :func:`preprocess_split`: Ray
+Data tasks read the Parquet files, decode the JPEG/PNG bytes and apply the
+torchvision transforms (a :class:`Preprocessor` per worker process, in
+``map_batches``), so the consumer only receives ready uint8 tensors from
+``iter_torch_batches``. Training reads its split in a seeded order of its own
+(:mod:`pipelines.epochs`) with the same :class:`Preprocessor`. They stay uint8 until the consumer normalises
 them (:func:`models.transforms.model_input`, on its own device): a 224 px image
 is 150 KB that way instead of 600 KB of float32 through the object store and
 to the GPU.
