@@ -8,7 +8,8 @@ up front, as tensors in memory (the best case for a single process); hashray
 decodes them every epoch in Ray Data tasks, streams them to the Ray Train
 worker and checkpoints every epoch. The plain loop runs with as many torch
 threads as the machine has cores (--plain-threads): what a user's own script
-gets; hashray's worker gets what Ray gives it (threads from --cpus-per-worker).
+gets; hashray's worker takes the threads `hashray train` gives it (--threads, 0:
+every core of the node).
 
 Images/s is taken over the epochs after the first on both sides (steady
 state, warm-up excluded); hashray's per-epoch figure is wall time and so
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import sys
@@ -43,7 +43,7 @@ from pipelines.ingest import IngestConfig  # noqa: E402
 from pipelines.ingest import run as ingest  # noqa: E402
 from pipelines.preprocess import PreprocessConfig, Preprocessor  # noqa: E402
 from pipelines.train import TrainConfig, net_config, run  # noqa: E402
-from pipelines.train_loop import build_optimizer, training_loss  # noqa: E402
+from pipelines.train_loop import build_optimizer, cpu_threads, training_loss  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -58,6 +58,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=32, help="images per step on both sides")
     parser.add_argument("--loss", default="cosine", help="loss of both sides")
     parser.add_argument("--cpus-per-worker", type=float, default=0.5, help="CPUs of the Ray Train worker")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads of the Ray Train worker (0: every core)")
     parser.add_argument("--data-cpus", type=float, default=0.5, help="CPUs per Ray Data read + preprocess task")
     parser.add_argument("--data-workers", type=int, default=2, help="most read + preprocess tasks at once")
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs given to Ray (default: all)")
@@ -102,6 +103,7 @@ def config(args: argparse.Namespace, run_dir: str) -> TrainConfig:
         loss=args.loss,
         gpu=args.gpu,
         cpus_per_worker=args.cpus_per_worker,
+        threads=args.threads,
         data_cpus=args.data_cpus,
         data_workers=args.data_workers,
         image_size=args.image_size,
@@ -171,7 +173,7 @@ def main() -> None:
     args = parse_args()
     ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
     dataset = ensure_dataset(args)
-    worker_threads = max(1, math.floor(args.cpus_per_worker))  # what Ray gives the worker (OMP_NUM_THREADS)
+    worker_threads = cpu_threads(args.threads, local_workers=1)
     hashray, waits = with_hashray(args)
     torch.set_num_threads(args.plain_threads)
     plain = plain_loop(args, dataset, *decoded_train_split(args, dataset))

@@ -16,6 +16,7 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 from models.errors import HashrayError
 
@@ -63,6 +64,21 @@ def write_bytes(uri: str, data: bytes) -> None:
     filesystem.create_dir(posixpath.dirname(path), recursive=True)
     with filesystem.open_output_stream(path) as stream:
         stream.write(data)
+
+
+def write_table(uri: str, table: pa.Table) -> None:
+    """Write a small whole table as one Parquet file (reports beside a JSON, not data sets)."""
+    filesystem, path = resolve(uri)
+    filesystem.create_dir(posixpath.dirname(path), recursive=True)
+    pq.write_table(table, path, filesystem=filesystem)
+
+
+def read_table(uri: str) -> pa.Table:
+    """A whole Parquet file written by :func:`write_table`."""
+    filesystem, path = resolve(uri)
+    if filesystem.get_file_info(path).type == pafs.FileType.NotFound:
+        raise HashrayError(f"{uri}: file not found")
+    return pq.read_table(path, filesystem=filesystem)
 
 
 def read_json(uri: str) -> dict[str, Any]:

@@ -123,8 +123,8 @@ def ingest_config(cfg: DemoConfig) -> ingest.IngestConfig:
 
 
 def train_config(cfg: DemoConfig) -> train.TrainConfig:
-    # The demo trains from scratch (nothing is downloaded), so the backbone
-    # learns at the full rate rather than the fine-tuning fraction.
+    # The demo trains from scratch (nothing is downloaded): the backbone learns
+    # at the full rate, train's default for --weights none.
     return train.TrainConfig(
         data=cfg.data,
         run=cfg.run,
@@ -133,7 +133,6 @@ def train_config(cfg: DemoConfig) -> train.TrainConfig:
         epochs=cfg.epochs,
         batch_size=cfg.batch_size,
         lr=cfg.lr,
-        backbone_lr_ratio=1.0,
         gpu=cfg.gpu,
         image_size=cfg.image_size,
         seed=cfg.seed,

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -152,6 +152,7 @@ class _Totals:
     top_precision: np.ndarray
     top_recall: np.ndarray
     queries: int = 0
+    per_query: dict[str, list[np.ndarray]] = field(default_factory=lambda: {key: [] for key in SUMMARY_KEYS})
 
 
 def rank_query(
@@ -186,6 +187,7 @@ def _add_chunk(totals: _Totals, ranked: np.ndarray, joint: np.ndarray) -> None:
     }
     for key, values in chunk.items():
         totals.scalars[key] += float(values.sum())
+        totals.per_query[key].append(values)
     totals.radius_precision += radius_precision.sum(axis=0)
     totals.radius_recall += radius_recall.sum(axis=0)
     totals.top_precision += top_precision.sum(axis=0)
@@ -261,7 +263,11 @@ def random_codes_map(
 
 
 def _summary(totals: _Totals, *, bits: int, k: int, curve_points: int) -> dict[str, Any]:
-    """Means over queries, in the metrics.json layout."""
+    """Means over queries, in the metrics.json layout, and each query's own figures under ``per_query``.
+
+    The per-query figures are what confidence intervals and paired comparisons
+    of two models need (the same queries ranked by each).
+    """
     mean = 1.0 / max(totals.queries, 1)
     scalars = {key: value * mean for key, value in totals.scalars.items()}
     keep = np.unique(np.linspace(1, k, num=min(curve_points, k)).round().astype(int))
@@ -270,6 +276,7 @@ def _summary(totals: _Totals, *, bits: int, k: int, curve_points: int) -> dict[s
         "topk": k,
         "queries": totals.queries,
         **scalars,
+        "per_query": {key: np.concatenate(parts) if parts else np.zeros(0) for key, parts in totals.per_query.items()},
         "curves": {
             "hamming_radius": {
                 "radius": list(range(bits + 1)),

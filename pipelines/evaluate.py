@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from contracts.codes import CodesDir, codes_matrix
-from contracts.fs import join, now_iso, write_bytes, write_json
+from contracts.fs import join, now_iso, write_bytes, write_json, write_table
 from models.errors import HashrayError
 from models.health import code_health, format_health
 from models.metrics import SUMMARY_KEYS, evaluate_codes, label_words, random_codes_map
@@ -28,6 +28,8 @@ from models.metrics import SUMMARY_KEYS, evaluate_codes, label_words, random_cod
 logger = logging.getLogger(__name__)
 
 METRICS_JSON = "metrics.json"
+# Each query's own figures (id + every SUMMARY_KEYS metric), for intervals and paired comparisons.
+PER_QUERY_PARQUET = "per_query.parquet"
 PR_CURVE_PNG = "pr_hamming.png"
 TOP_N_PNG = "top_n.png"
 
@@ -59,9 +61,9 @@ class EvaluateConfig:
 # ---------------------------------------------------------------- driver
 
 
-def _load(codes: CodesDir) -> tuple[np.ndarray, pa.ChunkedArray]:
-    """A complete codes dir as (packed codes, labels column)."""
-    table = codes.read(columns=("code", "labels"))
+def _load(codes: CodesDir) -> tuple[np.ndarray, pa.ChunkedArray, pa.ChunkedArray]:
+    """A complete codes dir as (packed codes, labels column, ids)."""
+    table = codes.read(columns=("id", "code", "labels"))
     matrix = codes_matrix(table)
     if matrix.shape[1] * 8 != codes.bits:
         raise HashrayError(
@@ -69,7 +71,7 @@ def _load(codes: CodesDir) -> tuple[np.ndarray, pa.ChunkedArray]:
         )
     if len(matrix) == 0:
         raise HashrayError(f"{codes.uri}: holds no codes")
-    return matrix, table.column("labels")
+    return matrix, table.column("labels"), table.column("id")
 
 
 def _words(labels: pa.ChunkedArray, num_classes: int) -> np.ndarray:
@@ -107,8 +109,8 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
     if cfg.topk < 1:
         raise HashrayError(f"--topk must be at least 1, got {cfg.topk}")
     query, database = CodesDir.open(cfg.query), CodesDir.open(cfg.database)
-    query_codes, query_labels = _load(query)
-    db_codes, db_labels = _load(database)
+    query_codes, query_labels, query_ids = _load(query)
+    db_codes, db_labels, _ = _load(database)
     _check_pair(cfg, query.manifest, database.manifest)
     num_classes = _num_classes(query_labels, db_labels)
     logger.info(
@@ -134,6 +136,8 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
     metrics.update(
         query_codes=cfg.query, database_codes=cfg.database, model=database.manifest.get("model"), created=now_iso()
     )
+    per_query = pa.table({"id": query_ids, **metrics.pop("per_query")})
+    write_table(join(cfg.out, PER_QUERY_PARQUET), per_query)
     write_json(join(cfg.out, METRICS_JSON), metrics)
     write_plots(cfg.out, metrics)
     return metrics

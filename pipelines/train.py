@@ -42,6 +42,12 @@ MIN_IMAGE_SIZE = 32
 MAX_HOLDOUT_SHARE = 10
 
 
+# The backbone's share of the learning rate when --backbone-lr-ratio is not given:
+# a pretrained backbone is fine-tuned gently, a random one must learn as fast as the hash layer.
+FINE_TUNE_BACKBONE_RATIO = 0.1
+FROM_SCRATCH_BACKBONE_RATIO = 1.0
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Inputs of ``hashray train``.
@@ -54,7 +60,8 @@ class TrainConfig:
         epochs: total epochs of the run (a resumed run continues up to this count).
         batch_size: images per worker per step (also the preprocessing batch).
         lr: learning rate of the hash layer (AdamW).
-        backbone_lr_ratio: backbone learning rate as a fraction of ``lr``.
+        backbone_lr_ratio: backbone learning rate as a fraction of ``lr`` (default: 0.1 for a pretrained
+            ``--weights``, the fine-tuning rate; 1.0 for ``--weights none``, where the backbone learns from scratch).
         weight_decay: AdamW weight decay.
         freeze_epochs: first epochs with the backbone frozen (only the hash layer trains).
         loss: a key of ``models.loss.LOSSES`` (``cosine`` is the paper's), or
@@ -67,7 +74,9 @@ class TrainConfig:
         allow_download: let torchvision fetch missing ImageNet weights.
         workers: Ray Train workers (DDP when > 1).
         gpu: one GPU per worker, bf16 autocast and channels_last.
-        cpus_per_worker: CPUs reserved per training worker (torch threads follow it).
+        cpus_per_worker: CPUs reserved per training worker in Ray's scheduling.
+        threads: torch threads per training worker on CPU; 0: the node's cores shared among the
+            training workers on it (the data tasks run between steps and take little).
         data_cpus: CPUs per Ray Data read + preprocess task; leave room for it next to the workers.
         data_workers: most read + preprocess tasks running at once.
         image_size: network input size in pixels.
@@ -86,7 +95,7 @@ class TrainConfig:
     epochs: int = 10
     batch_size: int = 32
     lr: float = 3e-3
-    backbone_lr_ratio: float = 0.1
+    backbone_lr_ratio: float | None = None
     weight_decay: float = 1e-4
     freeze_epochs: int = 0
     loss: str = field(default="cosine", metadata={"choices": (*LOSSES, *PRETRAIN_LOSSES)})
@@ -98,6 +107,7 @@ class TrainConfig:
     workers: int = 1
     gpu: bool = False
     cpus_per_worker: float = 0.5
+    threads: int = 0
     data_cpus: float = 0.5
     data_workers: int = 2
     image_size: int = 224
@@ -106,6 +116,13 @@ class TrainConfig:
     val_queries: int = 100
     val_database: int = 500
     keep_checkpoints: int = 2
+
+    @property
+    def backbone_ratio(self) -> float:
+        """``backbone_lr_ratio``, or its default for the start: fine-tuning a pretrained backbone, or from scratch."""
+        if self.backbone_lr_ratio is not None:
+            return self.backbone_lr_ratio
+        return FROM_SCRATCH_BACKBONE_RATIO if self.weights == "none" else FINE_TUNE_BACKBONE_RATIO
 
 
 # ---------------------------------------------------------------- driver
@@ -210,11 +227,14 @@ def check_numbers(cfg: TrainConfig) -> None:
         "weight_decay",
         "max_failures",
         "val_queries",
+        "threads",
         "balance_weight",
         "decorrelation_weight",
     )
     for name in positive + non_negative:
         value = getattr(cfg, name)
+        if value is None:  # unset: a default chosen from other flags
+            continue
         if value < 0 or (value == 0 and name in positive):
             raise HashrayError(
                 f"--{name.replace('_', '-')} must be {'> 0' if name in positive else '>= 0'}, got {value}"

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -61,6 +62,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
+    if device.type == "cpu":
+        torch.set_num_threads(cpu_threads(cfg.threads, context.get_local_world_size()))
     torch.manual_seed(cfg.seed)
     module = ResNetHash.from_config(net).to(device)
     if cfg.gpu:
@@ -93,6 +96,18 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         report_epoch(metrics, rank, module, optimizer, scheduler, history, cfg)
 
 
+def cpu_threads(requested: int, local_workers: int) -> int:
+    """Torch threads of a CPU training worker: ``requested``, or 0 for the node's cores shared among its workers.
+
+    Ray sets a worker's threads from its CPU reservation (one for 0.5 CPU), which
+    leaves the rest of the machine idle: the reservation only schedules, while the
+    data tasks that share the node run between steps and need little compute.
+    """
+    if requested:
+        return requested
+    return max(1, len(os.sched_getaffinity(0)) // max(local_workers, 1))
+
+
 def epoch_data(plan: EpochPlan, cfg: TrainConfig, num_classes: int, *, epoch: int, rank: int, workers: int) -> Any:
     """This worker's rows of ``epoch``, shuffled and augmented as the seed says (:mod:`pipelines.epochs`)."""
     return segments_dataset(
@@ -117,9 +132,9 @@ def training_loss(cfg: TrainConfig) -> torch.nn.Module:
 
 
 def build_optimizer(module: ResNetHash, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW with the backbone at ``backbone_lr_ratio`` of the hash layer's rate (fine-tuning)."""
+    """AdamW with the backbone at ``cfg.backbone_ratio`` of the hash layer's rate."""
     groups = [
-        {"params": list(module.backbone.parameters()), "lr": cfg.lr * cfg.backbone_lr_ratio},
+        {"params": list(module.backbone.parameters()), "lr": cfg.lr * cfg.backbone_ratio},
         {"params": list(module.hash_layer.parameters()), "lr": cfg.lr},
     ]
     return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)

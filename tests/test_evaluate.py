@@ -33,7 +33,7 @@ def brute_force(query_codes, query_labels, db_codes, db_labels, k):
     """Every metric by the textbook definitions, one query at a time, no shortcuts."""
     bits = db_codes.shape[1] * 8
     q_bits, db_bits = unpack_codes(query_codes, bits), unpack_codes(db_codes, bits)
-    sums = {"mAP": 0.0, "NDCG": 0.0, "ACG": 0.0, "WAP": 0.0, "P@r2": 0.0}
+    per_query = {"mAP": [], "NDCG": [], "ACG": [], "WAP": [], "P@r2": []}
     for q in range(len(query_codes)):
         distances = (q_bits[q] != db_bits).sum(axis=1)
         shared = np.array([len(set(query_labels[q]) & set(labels)) for labels in db_labels])
@@ -45,15 +45,15 @@ def brute_force(query_codes, query_labels, db_codes, db_labels, k):
                 hits += 1
                 precision_sum += hits / i
                 acg_sum += r[:i].sum() / i
-        sums["mAP"] += precision_sum / hits if hits else 0.0
-        sums["WAP"] += acg_sum / hits if hits else 0.0
-        sums["ACG"] += r.mean()
+        per_query["mAP"].append(precision_sum / hits if hits else 0.0)
+        per_query["WAP"].append(acg_sum / hits if hits else 0.0)
+        per_query["ACG"].append(r.mean())
         gain = lambda levels: sum((2.0**g - 1) / math.log2(i + 1) for i, g in enumerate(levels, start=1))  # noqa: E731
         ideal = gain(sorted(shared, reverse=True)[:k])
-        sums["NDCG"] += gain(r) / ideal if ideal else 0.0
+        per_query["NDCG"].append(gain(r) / ideal if ideal else 0.0)
         within = distances <= 2
-        sums["P@r2"] += (shared[within] > 0).sum() / within.sum() if within.any() else 0.0
-    return {key: value / len(query_codes) for key, value in sums.items()}
+        per_query["P@r2"].append((shared[within] > 0).sum() / within.sum() if within.any() else 0.0)
+    return {key: float(np.mean(values)) for key, values in per_query.items()}, per_query
 
 
 def random_case(seed: int, *, queries: int, database: int, bits: int, classes: int):
@@ -116,9 +116,10 @@ def test_evaluate_codes_matches_brute_force(seed, bits, k, chunk_size):
     metrics = evaluate_codes(
         query_codes, words(query_labels, classes), db_codes, words(db_labels, classes), topk=k, chunk_size=chunk_size
     )
-    expected = brute_force(query_codes, query_labels, db_codes, db_labels, min(k, 120))
+    expected, expected_per_query = brute_force(query_codes, query_labels, db_codes, db_labels, min(k, 120))
     for key, value in expected.items():
         assert metrics[key] == pytest.approx(value, abs=1e-12), key
+        np.testing.assert_allclose(metrics["per_query"][key], expected_per_query[key], atol=1e-12, err_msg=key)
     assert metrics["topk"] == min(k, 120) and metrics["bits"] == bits
 
 
@@ -175,10 +176,15 @@ def test_run_writes_metrics_and_plots(tmp_path, capsys):
     out = tmp_path / "eval"
     assert main(["evaluate", "--query", query, "--database", database, "--out", str(out), "--topk", "20"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    expected = brute_force(query_codes, query_labels, db_codes, db_labels, 20)
+    expected, expected_per_query = brute_force(query_codes, query_labels, db_codes, db_labels, 20)
     for key in ("bits", "topk", "mAP", "NDCG", "ACG", "WAP", "P@r2"):
         assert key in metrics
     assert metrics["mAP"] == pytest.approx(expected["mAP"])
+    # Each query's own figures, by id, for intervals and paired comparisons.
+    per_query = pq.read_table(out / "per_query.parquet").to_pydict()
+    assert per_query["id"] == [f"query-{i}" for i in range(9)]
+    np.testing.assert_allclose(per_query["mAP"], expected_per_query["mAP"], atol=1e-12)
+    assert "per_query" not in metrics
     # Code health of the database codes, in metrics.json and in the printed table.
     assert metrics["database"] == 50 and metrics["distinct_codes"] == len({bytes(row) for row in db_codes})
     assert 0.0 < metrics["bit_entropy"] <= 1.0 and metrics["largest_bucket"] >= 1

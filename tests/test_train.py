@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 import signal
 from pathlib import Path
@@ -21,6 +22,7 @@ from models.errors import HashrayError
 from models.metrics import mean_average_precision, multi_hot_words
 from models.network import ResNetHash
 from pipelines.train import TrainConfig, net_config, run, validate
+from pipelines.train_loop import build_optimizer, cpu_threads
 
 # Small and fast: 32 px, 16 rows per step, a few validation images.
 # 2 CPUs: the workers and the preprocessing actor leave a whole CPU for Parquet reads.
@@ -108,6 +110,23 @@ def test_validation_map_is_one_for_perfect_codes_and_lower_for_shuffled_ones() -
     assert mean_average_precision(codes[::2], words[::2], shuffled, words) < 1.0
 
 
+def test_a_cpu_worker_takes_the_cores_of_its_node_unless_told() -> None:
+    cores = len(os.sched_getaffinity(0))
+    assert cpu_threads(0, local_workers=1) == cores
+    assert cpu_threads(0, local_workers=cores * 2) == 1  # never below one thread
+    assert cpu_threads(3, local_workers=1) == 3
+
+
+def test_the_backbone_rate_follows_the_start_unless_given(tiny_dataset) -> None:
+    scratch = TrainConfig(data=tiny_dataset, run="run")
+    assert scratch.backbone_ratio == 1.0
+    assert dataclasses.replace(scratch, weights="backbone.pt").backbone_ratio == 0.1
+    assert dataclasses.replace(scratch, weights="imagenet", backbone_lr_ratio=0.5).backbone_ratio == 0.5
+    module = ResNetHash("resnet18", 16)
+    optimizer = build_optimizer(module, dataclasses.replace(scratch, weights="backbone.pt", lr=1e-2))
+    assert [group["lr"] for group in optimizer.param_groups] == pytest.approx([1e-3, 1e-2])
+
+
 # ---------------------------------------------------------------- bad input
 
 
@@ -124,6 +143,8 @@ def good(tiny_dataset, tmp_path) -> TrainConfig:
         ({"bits": 0}, "multiple of 8"),
         ({"loss": "triplet"}, "unknown loss 'triplet'; choose one of cosine, dpsh, idhn, hashnet"),
         ({"epochs": 0}, "--epochs must be > 0"),
+        ({"threads": -1}, "--threads must be >= 0"),
+        ({"backbone_lr_ratio": -0.1}, "--backbone-lr-ratio must be >= 0"),
         ({"image_size": 8}, "--image-size must be at least 32"),
         ({"weights": "/nonexistent/resnet18.pt"}, "does not exist"),
     ],
