@@ -1,27 +1,33 @@
-"""Benchmark: the paper's multi-level cosine loss vs DPSH, IDHN and HashNet, measured.
+"""Benchmark: the paper's multi-level cosine loss vs DPSH, IDHN, HashNet and CSQ, each tuned alike, with intervals.
 
-    python bench/quality.py            # full grid: 4 losses x 16/32/64 bits x fine-tune/scratch
-    python bench/quality.py --quick    # reduced grid, under 10 minutes on a 2-core CPU
+    python bench/quality.py            # full grid: 5 losses x 32/64 bits x fine-tune/scratch x 3 seeds
+    python bench/quality.py --quick    # cosine vs DPSH, 32 bits, from scratch, 3 seeds: under 10 minutes
 
 Every setting trains ``hashray train`` on the same synthetic data set with the
-same backbone, schedule, batch size, learning rates and seed; only the loss,
-the code length and the initial backbone change. It then encodes the query
-and database splits and evaluates them (``hashray encode`` / ``evaluate``).
+same backbone, schedule and batch size; only the loss, its learning rate, the
+code length, the initial backbone and the seed change. It then encodes the
+query and database splits and evaluates them (``hashray encode`` / ``evaluate``).
+
+Fair tuning: every loss gets the same budget, a sweep over ``lrs`` at the first
+code length and the first seed, scored by the final validation mAP on train
+rows held out of training (``hashray train``'s own validation). The query and
+database splits are never looked at to choose; the chosen rate is then used for
+every code length and seed of that loss.
 
 Fine-tuning, as in the paper, starts from a backbone that already knows the
 images. Nothing is downloaded: the backbone is first trained on the synthetic
 train split as a multi-label classifier (``--loss classify``, the same training
 loop) and its ``model.pt`` is passed as ``--weights PATH``. Scratch starts from
-a random backbone.
+a random backbone (and, as ``hashray train`` does by default, trains it at the
+full rate; fine-tuning at a tenth).
 
-Output (under ``--out``, default ``build/quality-<preset>``): ``results.md``
-and ``results.json`` (mAP@K, NDCG@K and P@r2 per setting, the ratio of the
-cosine loss's figure over each baseline's, and the epochs each initialisation
-needs to reach a validation mAP), ``pr_curves.png`` (precision/recall over
-Hamming radius, one panel per initialisation and code length), and the table
-on stdout. The data set, the pre-trained backbone and finished settings are
-cached in ``--out`` and reused by a rerun with the same preset, so an
-interrupted grid resumes where it stopped.
+Output (under ``--out``, default ``build/quality-<preset>``): ``results.md`` and
+``results.json`` (mean +- std over seeds per setting, the cosine/baseline
+ratios of mAP and NDCG with 95% bootstrap intervals over seeds and queries
+(:mod:`quality_report`), the sweep, the epochs each initialisation needs, and
+the targets met or not), ``pr_curves.png``, and the tables on stdout. The data
+set, the pre-trained backbone and finished runs are cached in ``--out`` and
+reused by a rerun with the same preset, so an interrupted grid resumes.
 """
 
 from __future__ import annotations
@@ -37,6 +43,11 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import numpy as np  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+import quality_report as report  # noqa: E402
 
 from contracts.dataset import DatasetDir  # noqa: E402
 from contracts.run import HISTORY_JSON  # noqa: E402
@@ -45,7 +56,7 @@ from models.loss import LOSSES  # noqa: E402
 from models.network import MODEL_PT  # noqa: E402
 from pipelines.encode import EncodeConfig  # noqa: E402
 from pipelines.encode import run as encode  # noqa: E402
-from pipelines.evaluate import METRICS_JSON, EvaluateConfig  # noqa: E402
+from pipelines.evaluate import METRICS_JSON, PER_QUERY_PARQUET, EvaluateConfig  # noqa: E402
 from pipelines.evaluate import run as evaluate  # noqa: E402
 from pipelines.ingest import IngestConfig  # noqa: E402
 from pipelines.ingest import run as ingest  # noqa: E402
@@ -54,9 +65,8 @@ from pipelines.train import run as train  # noqa: E402
 
 logger = logging.getLogger("bench.quality")
 
-BASELINES = ("dpsh", "idhn", "hashnet")
+BASELINES = ("dpsh", "idhn", "hashnet", "csq")
 INITS = ("finetune", "scratch")
-METRICS = ("mAP", "NDCG", "P@r2")
 
 
 @dataclass(frozen=True)
@@ -68,35 +78,48 @@ class QualityConfig:
             (``hashray ingest synthetic``); train rows are the first database rows.
         image_size: network input side (the synthetic images are drawn at ``source_size``).
         epochs: epochs of every hashing run; ``pretrain_epochs`` of the classifier.
-        batch_size, lr, backbone_lr_ratio, quant_weight: the schedule, the same for every loss.
+        batch_size, quant_weight: the same for every loss.
+        lrs: the learning rates each loss is tuned over (its budget: one run each).
+        pretrain_lr: the classifier's learning rate.
+        val_queries, val_database: train rows held out for validation, and the training rows they rank.
         topk: K of mAP@K and NDCG@K.
-        seed: data, initialisation and augmentation seed.
+        seeds: training seeds of every setting (the data set uses the first).
         losses, bits, inits: the grid.
     """
 
     num_classes: int = 16
-    train: int = 600
-    query: int = 200
-    database: int = 1500
+    train: int = 1500
+    query: int = 1000
+    database: int = 3000
     source_size: int = 32
     image_size: int = 32
-    epochs: int = 5
-    pretrain_epochs: int = 5
+    epochs: int = 12
+    pretrain_epochs: int = 6
     batch_size: int = 32
-    lr: float = 3e-3
-    backbone_lr_ratio: float = 0.1
     quant_weight: float = 0.1
+    lrs: tuple[float, ...] = (3e-4, 1e-3, 3e-3)
+    pretrain_lr: float = 3e-3
+    val_queries: int = 150
+    val_database: int = 1000
     topk: int = 1000
-    seed: int = 0
+    seeds: tuple[int, ...] = (0, 1, 2)
     losses: tuple[str, ...] = ("cosine",) + BASELINES
-    bits: tuple[int, ...] = (16, 32, 64)
+    bits: tuple[int, ...] = (32, 64)
     inits: tuple[str, ...] = INITS
 
 
 PRESETS = {
     "full": QualityConfig(),
     "quick": QualityConfig(
-        train=256, query=100, database=512, epochs=3, pretrain_epochs=3, topk=500, losses=("cosine", "dpsh"), bits=(32,)
+        train=600,
+        database=1500,
+        epochs=4,
+        lrs=(1e-3, 3e-3),
+        val_queries=60,
+        val_database=500,
+        losses=("cosine", "dpsh"),
+        bits=(32,),
+        inits=("scratch",),
     ),
 }
 
@@ -110,34 +133,18 @@ def check_grid(cfg: QualityConfig) -> None:
         raise HashrayError("the grid must include the cosine loss: every ratio is cosine over a baseline")
     if any(init not in INITS for init in cfg.inits):
         raise HashrayError(f"unknown init(s) in {list(cfg.inits)}; choose from {', '.join(INITS)}")
-
-
-def data_key(cfg: QualityConfig) -> dict[str, Any]:
-    """What the cached data set and pre-trained backbone depend on."""
-    fields = (
-        "num_classes",
-        "train",
-        "query",
-        "database",
-        "source_size",
-        "image_size",
-        "pretrain_epochs",
-        "batch_size",
-        "lr",
-        "backbone_lr_ratio",
-        "seed",
-    )
-    return {name: getattr(cfg, name) for name in fields}
+    if not cfg.lrs or not cfg.seeds or not cfg.bits:
+        raise HashrayError("the grid needs at least one learning rate, one seed and one code length")
 
 
 def prepare_out(cfg: QualityConfig, out: Path) -> None:
     """Bind ``out`` to one data set + schedule so that cached runs are never mixed across configs."""
     out.mkdir(parents=True, exist_ok=True)
     key_file = out / "bench.json"
-    key = {**data_key(cfg), "epochs": cfg.epochs, "quant_weight": cfg.quant_weight, "topk": cfg.topk}
-    if key_file.exists() and json.loads(key_file.read_text()) != key:
+    shared = {name: value for name, value in dataclasses.asdict(cfg).items() if name not in ("losses", "bits", "inits")}
+    if key_file.exists() and json.loads(key_file.read_text()) != json.loads(json.dumps(shared)):
         raise HashrayError(f"{out} holds a benchmark with another configuration ({key_file}); use another --out")
-    key_file.write_text(json.dumps(key, indent=2))
+    key_file.write_text(json.dumps(shared, indent=2))
 
 
 def ensure_dataset(cfg: QualityConfig, out: Path) -> str:
@@ -153,31 +160,39 @@ def ensure_dataset(cfg: QualityConfig, out: Path) -> str:
                 database=cfg.database,
                 image_size=cfg.source_size,
                 num_classes=cfg.num_classes,
-                seed=cfg.seed,
+                seed=cfg.seeds[0],
             )
         )
     return str(data)
 
 
 def train_config(
-    cfg: QualityConfig, data: str, run_dir: Path, *, loss: str, bits: int, epochs: int, weights: str
+    cfg: QualityConfig,
+    data: str,
+    run_dir: Path,
+    *,
+    loss: str,
+    bits: int,
+    lr: float,
+    seed: int,
+    epochs: int,
+    weights: str,
 ) -> TrainConfig:
-    """The one training configuration every setting shares; only loss, bits, epochs and weights vary."""
+    """The one training configuration every setting shares; only loss, bits, rate, seed, epochs and weights vary."""
     return TrainConfig(
         data=data,
         run=str(run_dir),
         bits=bits,
         epochs=epochs,
         batch_size=cfg.batch_size,
-        lr=cfg.lr,
-        backbone_lr_ratio=cfg.backbone_lr_ratio,
+        lr=lr,
         loss=loss,
         quant_weight=cfg.quant_weight,
         weights=weights,
         image_size=cfg.image_size,
-        seed=cfg.seed,
-        val_queries=min(cfg.query, 100),
-        val_database=min(cfg.database, 500),
+        seed=seed,
+        val_queries=cfg.val_queries,
+        val_database=cfg.val_database,
     )
 
 
@@ -187,16 +202,40 @@ def ensure_pretrained(cfg: QualityConfig, data: str, out: Path) -> str:
     if not (run_dir / MODEL_PT).exists():
         classes = len(DatasetDir.open(data).classes)
         bits = -(-classes // 8) * 8  # one output per class, rounded up to whole bytes
-        train(train_config(cfg, data, run_dir, loss="classify", bits=bits, epochs=cfg.pretrain_epochs, weights="none"))
+        train(
+            train_config(
+                cfg,
+                data,
+                run_dir,
+                loss="classify",
+                bits=bits,
+                lr=cfg.pretrain_lr,
+                seed=cfg.seeds[0],
+                epochs=cfg.pretrain_epochs,
+                weights="none",
+            )
+        )
     return str(run_dir / MODEL_PT)
 
 
-def run_setting(
-    cfg: QualityConfig, data: str, out: Path, *, loss: str, bits: int, init: str, weights: str
-) -> dict[str, Any]:
-    """Train, encode and evaluate one setting (reused when its metrics exist); returns its table row."""
-    name = f"{init}-{loss}-{bits}"
-    base = out / "runs" / name
+@dataclass(frozen=True)
+class Setting:
+    """One training run of the grid."""
+
+    init: str
+    loss: str
+    bits: int
+    lr: float
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.init}-{self.loss}-{self.bits}-lr{self.lr:g}-seed{self.seed}"
+
+
+def run_setting(cfg: QualityConfig, data: str, out: Path, setting: Setting, weights: str) -> dict[str, Any]:
+    """Train, encode and evaluate one setting (reused when its metrics exist); returns its row."""
+    base = out / "runs" / setting.name
     metrics_file = base / "eval" / METRICS_JSON
     if not metrics_file.exists():
         started = time.perf_counter()
@@ -205,10 +244,12 @@ def run_setting(
                 cfg,
                 data,
                 base / "run",
-                loss=loss,
-                bits=bits,
+                loss=setting.loss,
+                bits=setting.bits,
+                lr=setting.lr,
+                seed=setting.seed,
                 epochs=cfg.epochs,
-                weights=weights if init == "finetune" else "none",
+                weights=weights if setting.init == "finetune" else "none",
             )
         )
         trained = time.perf_counter() - started
@@ -224,133 +265,37 @@ def run_setting(
     history = json.loads((base / "run" / HISTORY_JSON).read_text())["epochs"]
     timing = json.loads((base / "timing.json").read_text())
     return {
-        "setting": name,
-        "init": init,
-        "loss": loss,
-        "bits": bits,
+        "setting": setting.name,
+        **dataclasses.asdict(setting),
         "topk": metrics["topk"],
-        **{key: metrics[key] for key in METRICS},
+        **{key: metrics[key] for key in report.METRICS},
         "mAP_random": metrics["mAP_random"],
+        "largest_bucket_share": metrics["largest_bucket_share"],
+        "distinct_codes": metrics["distinct_codes"],
         "val_mAP": [epoch.get("val_mAP") for epoch in history],
         "train_s": timing["train_s"],
         "pr_curve": metrics["curves"]["hamming_radius"],
     }
 
 
-def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Cosine's mAP, NDCG and P@r2 over each baseline's, per initialisation and code length."""
-    by_key = {(row["init"], row["bits"], row["loss"]): row for row in rows}
-    result = []
-    for (init, bits, loss), row in by_key.items():
-        cosine = by_key.get((init, bits, "cosine"))
-        if loss == "cosine" or cosine is None:
-            continue
-        result.append(
-            {
-                "init": init,
-                "bits": bits,
-                "baseline": loss,
-                **{key: cosine[key] / row[key] if row[key] else float("nan") for key in METRICS},
-            }
-        )
-    return result
+def per_query(out: Path, setting: str) -> dict[str, np.ndarray]:
+    """Each query's figures of one run (``per_query.parquet`` of its evaluation)."""
+    table = pq.read_table(out / "runs" / setting / "eval" / PER_QUERY_PARQUET)
+    return {metric: table.column(metric).to_numpy() for metric in report.RATIO_METRICS}
 
 
-def epochs_to_reach(val_maps: list[float | None], target: float) -> int | None:
-    """First epoch (1-based) whose validation mAP is at least ``target``; None if never."""
-    return next((epoch for epoch, value in enumerate(val_maps, 1) if value is not None and value >= target), None)
-
-
-def convergence(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Epochs fine-tuning and scratch need to reach the validation mAP scratch ends with."""
-    by_key = {(row["init"], row["bits"], row["loss"]): row for row in rows}
-    result = []
-    for (init, bits, loss), scratch in by_key.items():
-        finetune = by_key.get(("finetune", bits, loss))
-        if init != "scratch" or finetune is None or scratch["val_mAP"][-1] is None:
-            continue
-        target = scratch["val_mAP"][-1]
-        result.append(
-            {
-                "bits": bits,
-                "loss": loss,
-                "target_val_mAP": target,
-                "finetune_epochs": epochs_to_reach(finetune["val_mAP"], target),
-                "scratch_epochs": epochs_to_reach(scratch["val_mAP"], target),
-            }
-        )
-    return result
-
-
-def markdown(
-    cfg: QualityConfig,
-    rows: list[dict[str, Any]],
-    ratio_rows: list[dict[str, Any]],
-    convergence_rows: list[dict[str, Any]],
-) -> str:
-    """The three result tables as Markdown."""
-    k = rows[0]["topk"] if rows else cfg.topk
-    lines = [
-        f"| init | bits | loss | mAP@{k} | NDCG@{k} | P@r2 | mAP random codes | val mAP per epoch | train s |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for row in rows:
-        curve = " ".join(f"{value:.3f}" for value in row["val_mAP"] if value is not None)
-        lines.append(
-            f"| {row['init']} | {row['bits']} | {row['loss']} | {row['mAP']:.4f} | {row['NDCG']:.4f} "
-            f"| {row['P@r2']:.4f} | {row['mAP_random']:.4f} | {curve} | {row['train_s']:.0f} |"
-        )
-    lines += [
-        "",
-        "Cosine loss over each baseline (> 1: cosine is better):",
-        "",
-        "| init | bits | baseline | mAP ratio | NDCG ratio | P@r2 ratio |",
-        "|---|---|---|---|---|---|",
-    ]
-    lines += [
-        f"| {r['init']} | {r['bits']} | {r['baseline']} | {r['mAP']:.4f} | {r['NDCG']:.4f} | {r['P@r2']:.4f} |"
-        for r in ratio_rows
-    ]
-    if convergence_rows:
-        lines += [
-            "",
-            "Epochs to reach the validation mAP that training from scratch ends with (- : never):",
-            "",
-            "| bits | loss | target val mAP | fine-tune epochs | scratch epochs |",
-            "|---|---|---|---|---|",
-        ]
-        lines += [
-            f"| {r['bits']} | {r['loss']} | {r['target_val_mAP']:.4f} | {r['finetune_epochs'] or '-'} "
-            f"| {r['scratch_epochs'] or '-'} |"
-            for r in convergence_rows
-        ]
-    return "\n".join(lines) + "\n"
-
-
-def plot_pr_curves(rows: list[dict[str, Any]], path: Path) -> None:
-    """Precision/recall over Hamming radius: one panel per (init, bits), one line per loss."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    inits = sorted({row["init"] for row in rows})
-    bits = sorted({row["bits"] for row in rows})
-    figure, axes = plt.subplots(len(inits), len(bits), figsize=(4 * len(bits), 3.5 * len(inits)), squeeze=False)
-    for row in rows:
-        axis = axes[inits.index(row["init"])][bits.index(row["bits"])]
-        axis.plot(row["pr_curve"]["recall"], row["pr_curve"]["precision"], marker=".", label=row["loss"])
-        axis.set(
-            title=f"{row['init']}, {row['bits']} bits", xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02)
-        )
-        axis.legend(fontsize="small")
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+def tune(cfg: QualityConfig, data: str, out: Path, init: str, loss: str, weights: str) -> dict[str, Any]:
+    """The sweep of one loss: a run per learning rate; the best final validation mAP wins (ties: the first)."""
+    scores = {}
+    for lr in cfg.lrs:
+        row = run_setting(cfg, data, out, Setting(init, loss, cfg.bits[0], lr, cfg.seeds[0]), weights)
+        scores[lr] = row["val_mAP"][-1] if row["val_mAP"] and row["val_mAP"][-1] is not None else float("-inf")
+    best = max(scores, key=lambda lr: (scores[lr], -cfg.lrs.index(lr)))
+    return {"init": init, "loss": loss, "lr": best, "val_mAP_by_lr": scores}
 
 
 def run_grid(cfg: QualityConfig, out: Path, data: str | None = None) -> dict[str, Any]:
-    """Every setting of the grid, then the tables and the plot; returns the JSON payload.
+    """Tune every loss, run every setting at its chosen rate, then the tables and the plot; returns the payload.
 
     ``data`` is an existing dataset dir to use instead of ingesting the
     configured synthetic one (the test passes its shared tiny dataset).
@@ -359,49 +304,63 @@ def run_grid(cfg: QualityConfig, out: Path, data: str | None = None) -> dict[str
     prepare_out(cfg, out)
     data = data or ensure_dataset(cfg, out)
     weights = ensure_pretrained(cfg, data, out) if "finetune" in cfg.inits else "none"
+    tuning = [tune(cfg, data, out, init, loss, weights) for init in cfg.inits for loss in cfg.losses]
+    chosen = {(entry["init"], entry["loss"]): entry["lr"] for entry in tuning}
     rows = [
-        run_setting(cfg, data, out, loss=loss, bits=bits, init=init, weights=weights)
+        run_setting(cfg, data, out, Setting(init, loss, bits, chosen[init, loss], seed), weights)
         for init in cfg.inits
         for bits in cfg.bits
         for loss in cfg.losses
+        for seed in cfg.seeds
     ]
-    ratio_rows, convergence_rows = ratios(rows), convergence(rows)
+    summary = report.summarise(rows)
+    comparisons = report.compare(rows, {row["setting"]: per_query(out, row["setting"]) for row in rows})
+    convergence_rows = report.convergence(rows)
+    check_lines = report.checks(summary, comparisons)
     payload = {
         "config": dataclasses.asdict(cfg),
         "rows": [{k: v for k, v in row.items() if k != "pr_curve"} for row in rows],
-        "ratios": ratio_rows,
+        "summary": summary,
+        "ratios": comparisons,
+        "tuning": [
+            {**entry, "val_mAP_by_lr": {f"{lr:g}": v for lr, v in entry["val_mAP_by_lr"].items()}} for entry in tuning
+        ],
         "convergence": convergence_rows,
+        "checks": check_lines,
     }
     (out / "results.json").write_text(json.dumps(payload, indent=2))
-    (out / "results.md").write_text(markdown(cfg, rows, ratio_rows, convergence_rows))
-    plot_pr_curves(rows, out / "pr_curves.png")
+    table = report.markdown(summary, comparisons, tuning, convergence_rows, check_lines, topk=rows[0]["topk"])
+    (out / "results.md").write_text(table)
+    report.plot_pr_curves(rows, out / "pr_curves.png")
     return payload
+
+
+def _tuple(kind: type, text: str) -> tuple:
+    return tuple(kind(value) for value in text.split(","))
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[QualityConfig, Path, argparse.Namespace]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="the reduced grid (cosine vs DPSH, 32 bits, both inits)")
+    parser.add_argument("--quick", action="store_true", help="the reduced grid (cosine vs DPSH, 32 bits, scratch)")
     parser.add_argument("--out", help="output and cache dir (default build/quality-<preset>)")
     parser.add_argument("--epochs", type=int, help="override the preset's epochs (every loss alike)")
-    parser.add_argument("--lr", type=float, help="override the preset's hash-layer learning rate (every loss alike)")
+    parser.add_argument("--lrs", help="comma-separated learning rates of every loss's sweep")
     parser.add_argument(
         "--quant-weight", type=float, help="override the preset's quantisation weight (every loss alike)"
     )
     parser.add_argument("--losses", help=f"comma-separated subset of {','.join(LOSSES)}")
-    parser.add_argument("--bits", help="comma-separated code lengths")
+    parser.add_argument("--bits", help="comma-separated code lengths (the first is the one tuned)")
     parser.add_argument("--inits", help="comma-separated subset of finetune,scratch")
+    parser.add_argument("--seeds", help="comma-separated training seeds")
     parser.add_argument("--num-cpus", type=int, help="CPUs given to Ray (default: all)")
     args = parser.parse_args(argv)
     preset = "quick" if args.quick else "full"
-    overrides = {
-        name: getattr(args, name) for name in ("epochs", "lr", "quant_weight") if getattr(args, name) is not None
+    overrides: dict[str, Any] = {
+        name: getattr(args, name) for name in ("epochs", "quant_weight") if getattr(args, name) is not None
     }
-    if args.losses:
-        overrides["losses"] = tuple(args.losses.split(","))
-    if args.bits:
-        overrides["bits"] = tuple(int(value) for value in args.bits.split(","))
-    if args.inits:
-        overrides["inits"] = tuple(args.inits.split(","))
+    for name, kind in (("lrs", float), ("losses", str), ("bits", int), ("inits", str), ("seeds", int)):
+        if getattr(args, name):
+            overrides[name] = _tuple(kind, getattr(args, name))
     cfg = dataclasses.replace(PRESETS[preset], **overrides)
     return cfg, Path(args.out or f"build/quality-{preset}"), args
 
@@ -416,8 +375,9 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     run_grid(cfg, out)
     print((out / "results.md").read_text())
+    runs = len(cfg.inits) * len(cfg.losses) * (len(cfg.lrs) + len(cfg.bits) * len(cfg.seeds) - 1)
     print(
-        f"grid of {len(cfg.inits) * len(cfg.bits) * len(cfg.losses)} settings in {time.perf_counter() - started:.0f} s; "
+        f"{runs} training runs in {time.perf_counter() - started:.0f} s; "
         f"tables in {out}/results.md and results.json, PR curves in {out}/pr_curves.png"
     )
     return 0
