@@ -50,9 +50,14 @@ class DemoConfig:
         database: synthetic database rows.
         image_size: synthetic image side and network input size, in pixels.
         num_classes: synthetic object classes.
-        epochs: training epochs (resnet18, cosine loss, trained from scratch).
+        pretrain_epochs: epochs of multi-label classifier pre-training on the train split before
+            hashing: the paper's fine-tuning start, made from the data set's own labels (0: hash from
+            random weights).
+        epochs: hashing epochs (resnet18, the paper's cosine loss).
         batch_size: training images per step.
-        lr: learning rate of the whole network (AdamW).
+        lr: learning rate of the hash layer (AdamW); the backbone's follows train's default.
+        balance_weight: weight of the bit-balance term against collapse (0: off).
+        decorrelation_weight: weight of the bit-decorrelation term against collapse (0: off).
         bits: code length, a positive multiple of 8.
         topk: K of the @K metrics.
         gpu: train and encode on one GPU.
@@ -68,9 +73,12 @@ class DemoConfig:
     database: int = 4000
     image_size: int = 64
     num_classes: int = 20
+    pretrain_epochs: int = 0
     epochs: int = 8
     batch_size: int = 32
     lr: float = 3e-3
+    balance_weight: float = 0.0
+    decorrelation_weight: float = 0.0
     bits: int = 32
     topk: int = 1000
     gpu: bool = False
@@ -86,6 +94,10 @@ class DemoConfig:
     @property
     def run(self) -> str:
         return fs.join(self.out, "run")
+
+    @property
+    def pretrain_run(self) -> str:
+        return fs.join(self.out, "pretrain")
 
     def codes(self, split: str) -> str:
         return fs.join(self.out, "codes", split)
@@ -123,8 +135,8 @@ def ingest_config(cfg: DemoConfig) -> ingest.IngestConfig:
 
 
 def train_config(cfg: DemoConfig) -> train.TrainConfig:
-    # The demo trains from scratch (nothing is downloaded): the backbone learns
-    # at the full rate, train's default for --weights none.
+    """The hashing run: from the pre-trained backbone when there is one (fine-tuning rate), else from scratch."""
+    weights = fs.join(cfg.pretrain_run, MODEL_PT) if cfg.pretrain_epochs else "none"
     return train.TrainConfig(
         data=cfg.data,
         run=cfg.run,
@@ -133,12 +145,36 @@ def train_config(cfg: DemoConfig) -> train.TrainConfig:
         epochs=cfg.epochs,
         batch_size=cfg.batch_size,
         lr=cfg.lr,
+        balance_weight=cfg.balance_weight,
+        decorrelation_weight=cfg.decorrelation_weight,
+        weights=weights,
         gpu=cfg.gpu,
         image_size=cfg.image_size,
         seed=cfg.seed,
         val_queries=min(100, cfg.query),
         val_database=min(500, cfg.database),
     )
+
+
+def pretrain_config(cfg: DemoConfig) -> train.TrainConfig:
+    """The classifier run whose backbone the hashing run starts from (one output per class)."""
+    return dataclasses.replace(
+        train_config(cfg),
+        run=cfg.pretrain_run,
+        loss="classify",
+        bits=-(-cfg.num_classes // 8) * 8,
+        epochs=cfg.pretrain_epochs,
+        weights="none",
+        balance_weight=0.0,
+        decorrelation_weight=0.0,
+    )
+
+
+def train_both(cfg: DemoConfig) -> None:
+    """Pre-train the backbone when asked (a finished pre-training is reused), then train the hash network."""
+    if cfg.pretrain_epochs:
+        train.run(pretrain_config(cfg))
+    train.run(train_config(cfg))
 
 
 def encode_config(cfg: DemoConfig, split: str) -> encode.EncodeConfig:
@@ -181,13 +217,15 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
         fs.join(cfg.data, DATASET_JSON),
         lambda: print(ingest.format_summary(ingest.run(ingest_config(cfg)))),
     )
-    if runner.rerun_rest:
-        fs.remove_dir(cfg.run)  # a run dir resumes; new data needs a new run
+    if runner.rerun_rest:  # a run dir resumes; new data needs new runs
+        fs.remove_dir(cfg.pretrain_run)
+        fs.remove_dir(cfg.run)
+    pretraining = f"{cfg.pretrain_epochs} classifier + " if cfg.pretrain_epochs else ""
     runner.stage(
         2,
-        f"train: resnet18, {cfg.bits} bits, {cfg.epochs} epochs on {'GPU' if cfg.gpu else 'CPU'}",
+        f"train: resnet18, {cfg.bits} bits, {pretraining}{cfg.epochs} hashing epochs on {'GPU' if cfg.gpu else 'CPU'}",
         fs.join(cfg.run, MODEL_PT),
-        lambda: train.run(train_config(cfg)),
+        lambda: train_both(cfg),
     )
 
     def encode_both() -> None:
@@ -242,3 +280,5 @@ def check_config(cfg: DemoConfig) -> None:
     check_bits(cfg.bits)
     ingest.check_config(ingest_config(cfg))
     train.check_numbers(train_config(cfg))
+    if cfg.pretrain_epochs < 0:
+        raise HashrayError(f"--pretrain-epochs must be >= 0, got {cfg.pretrain_epochs}")
