@@ -22,6 +22,9 @@ def test_quick_demo_runs_every_stage_then_reuses_them(ray_session, tmp_path, cap
     info = json.loads((out / "data" / "dataset.json").read_text())
     assert info["splits"] == {"train": QUICK.train, "query": QUICK.query, "database": QUICK.database}
     assert (out / "run" / "model.pt").exists() and (out / "run" / "config.json").exists()
+    # The backbone was pre-trained as a classifier first, and hashing started from it.
+    assert QUICK.pretrain_epochs and (out / "pretrain" / "model.pt").exists()
+    assert json.loads((out / "pretrain" / "config.json").read_text())["loss"] == "classify"
     for split, rows in (("query", QUICK.query), ("database", QUICK.database)):
         assert json.loads((out / "codes" / split / "manifest.json").read_text())["count"] == rows
     metrics = json.loads((out / "eval" / "metrics.json").read_text())
