@@ -77,8 +77,8 @@ class DemoConfig:
     epochs: int = 14
     batch_size: int = 32
     lr: float = 3e-3
-    balance_weight: float = 0.1
-    decorrelation_weight: float = 0.1
+    balance_weight: float = 0.0
+    decorrelation_weight: float = 0.0
     bits: int = 32
     topk: int = 1000
     gpu: bool = False
