@@ -187,7 +187,7 @@ def run_serve(args: argparse.Namespace) -> int:
     )
     inputs = serve_config.check_inputs(cfg)  # each dir opened once, here; the replicas get the opened dirs
     serve_start.use_fast_http()  # Serve's HTTP settings go into the environment before Ray starts
-    local = init_ray(args.address)
+    local = init_ray(args.address, metrics_port=cfg.metrics_port)
     serve_start.run(inputs, local=local)
     return 0
 

@@ -15,7 +15,7 @@ LOOPBACK = "127.0.0.1"
 LOCAL_ONLY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
 
-def init_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
+def init_ray(address: str | None = None, num_cpus: int | None = None, metrics_port: int | None = None) -> bool:
     """Start or join a Ray cluster once per process; True when this call started a local Ray.
 
     ``address=None`` joins ``RAY_ADDRESS`` when set (``ray job submit``),
@@ -23,8 +23,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
     Ray with every core that listens on loopback only (its node address,
     its own ports, the gRPC servers in its workers) and its dashboard on
     127.0.0.1:8265 (Ray Train's bookkeeping queries the state API that the
-    dashboard serves; without it every run logs warnings). Tests and notebooks
-    that already called ``ray.init`` keep their own session.
+    dashboard serves; without it every run logs warnings) and its Prometheus
+    metrics on ``metrics_port`` (None: a free port).
+    Tests and notebooks that already called ``ray.init`` keep their own session.
     """
     if ray.is_initialized():
         return False
@@ -37,6 +38,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
         num_cpus=num_cpus,
         log_to_driver=True,
         _node_ip_address=LOOPBACK,
+        _metrics_export_port=metrics_port,
         runtime_env={"worker_process_setup_hook": f"{__name__}.{bind_workers_to_loopback.__name__}"},
     )
     return True

@@ -34,6 +34,8 @@ class ServeConfig:
         shards: index shard deployments; each holds a contiguous slice of the codes.
         host: HTTP host to bind.
         port: HTTP port.
+        metrics_port: port of Ray's Prometheus metrics (Serve's among them) when
+            ``hashray serve`` starts Ray itself (none: a free one; the URL is printed when ready).
         max_upload_mb: largest request body accepted, in MB.
         max_pixels: largest query image (width x height) decoded; more is a decompression bomb.
         encoder_gpus: GPUs per Encoder replica (1 to run the model on a GPU).
@@ -66,6 +68,7 @@ class ServeConfig:
     shards: int = 1
     host: str = "127.0.0.1"
     port: int = 8000
+    metrics_port: int | None = None
     max_upload_mb: float = 10.0
     max_pixels: int = MAX_PIXELS
     encoder_gpus: float = 0.0

@@ -1,9 +1,9 @@
 """Where a local ``hashray serve`` listens: HAProxy's side ports, its launcher, and free loopback ports.
 
 In Serve's high-throughput mode HAProxy takes the HTTP port, and by default
-also a stats page on ``*:8404`` and a Prometheus page on ``*:9101``: every
-interface, and fixed ports, so a second server on the same machine cannot
-start. Here each server gets free loopback side ports, and HAProxy is started
+also a stats page on ``*:8404`` and a Prometheus page on ``*:9101`` (every
+interface), and Serve's fallback proxy takes 8500: fixed ports, so a second
+server on the same machine cannot start. Here each server gets free loopback side ports, and HAProxy is started
 through :mod:`serve.haproxy_launcher`, which binds those two pages to
 loopback and makes HAProxy die with the process that started it (a server
 killed with SIGKILL leaves no HAProxy holding its port).
@@ -29,6 +29,9 @@ LOOPBACK = "127.0.0.1"
 FREE_PORTS = range(20000, 30000)
 STATS_PORT_ENV = "RAY_SERVE_HAPROXY_STATS_PORT"
 METRICS_PORT_ENV = "RAY_SERVE_HAPROXY_METRICS_PORT"
+# Serve's Python proxy that HAProxy falls back to while no ingress replica is up (8500 by default).
+FALLBACK_PORT_ENV = "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT"
+SIDE_PORT_ENVS = (STATS_PORT_ENV, METRICS_PORT_ENV, FALLBACK_PORT_ENV)
 BINARY_ENV = "RAY_SERVE_HAPROXY_BINARY_PATH"
 # The binary the launcher starts; Ray itself is pointed at the launcher.
 REAL_BINARY_ENV = "HASHRAY_HAPROXY_BINARY"
@@ -55,13 +58,12 @@ def haproxy_env(real_binary: str) -> dict[str, str]:
     Values already in the environment win (except the binary, which the
     launcher starts in its place).
     """
-    env = {
-        STATS_PORT_ENV: os.environ.get(STATS_PORT_ENV) or str(free_port()),
-        METRICS_PORT_ENV: os.environ.get(METRICS_PORT_ENV) or str(free_port()),
+    ports = {name: os.environ.get(name) or str(free_port()) for name in SIDE_PORT_ENVS}
+    return {
+        **ports,
         REAL_BINARY_ENV: os.environ.get(REAL_BINARY_ENV) or real_binary,
         BINARY_ENV: str(launcher_script()),
     }
-    return env
 
 
 def launcher_script() -> Path:
@@ -85,3 +87,14 @@ def port_in_error(message: str, default: int) -> int:
     """The port a bind error names (HAProxy writes ``[HOST:PORT]``), else ``default``."""
     match = BOUND_ADDRESS.search(message)
     return int(match.group(2)) if match else default
+
+
+def metrics_url() -> str | None:
+    """Where the Ray node of this driver serves Prometheus metrics (Ray's and Serve's); None when it has no such port."""
+    import ray
+
+    node_id = ray.get_runtime_context().get_node_id()
+    for node in ray.nodes():
+        if node["NodeID"] == node_id and node.get("MetricsExportPort"):
+            return f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+    return None

@@ -84,11 +84,18 @@ def shortfall(wanted: list[Ask], cpus: float) -> str:
     return f"the replicas ask {total:g} CPUs ({parts}) but this Ray has {cpus:g}, {total - cpus:g} short"
 
 
-def waiting(starting: Mapping[str, int], wanted: list[Ask], free: Mapping[str, float], seconds: float) -> str | None:
+def waiting(
+    starting: Mapping[str, int],
+    unplaced: Mapping[str, int],
+    wanted: list[Ask],
+    free: Mapping[str, float],
+    seconds: float,
+) -> str | None:
     """The progress line while replicas start; None when none is starting.
 
     Args:
         starting: replicas not yet running, by deployment name.
+        unplaced: of those, the replicas Ray has not found room for yet.
         wanted: every deployment's request (:func:`asks`).
         free: the resources Ray has free now.
         seconds: time since the start.
@@ -96,18 +103,20 @@ def waiting(starting: Mapping[str, int], wanted: list[Ask], free: Mapping[str, f
     by_name = {a.deployment: a for a in wanted}
     parts = []
     for deployment, count in starting.items():
-        if count <= 0:
-            continue
+        waits = min(unplaced.get(deployment, 0), count)
         ask = by_name.get(deployment)
-        what = f"{count} replica" + ("s" if count > 1 else "")
-        if ask is None:
-            parts.append(f"{deployment}: {what} starting")
-        elif ask.cpus > free.get("CPU", 0.0) + 1e-9 or ask.gpus > free.get("GPU", 0.0) + 1e-9:
+        if waits and ask is not None:
             needs = f"{ask.cpus:g} CPU" + (f" and {ask.gpus:g} GPU" if ask.gpus else "")
             have = f"{free.get('CPU', 0.0):g} CPU" + (f", {free.get('GPU', 0.0):g} GPU" if ask.gpus else "")
-            parts.append(f"{deployment}: {what} waiting for {needs} ({have} free)")
-        else:
-            parts.append(f"{deployment}: {what} starting")
+            parts.append(f"{deployment}: {replicas(waits)} waiting for {needs} ({have} free)")
+        elif waits:
+            parts.append(f"{deployment}: {replicas(waits)} waiting for room on a node")
+        if count - waits > 0:
+            parts.append(f"{deployment}: {replicas(count - waits)} starting")
     if not parts:
         return None
     return f"waiting for replicas ({seconds:.0f} s): " + "; ".join(parts)
+
+
+def replicas(count: int) -> str:
+    return f"{count} replica" + ("s" if count != 1 else "")

@@ -112,6 +112,8 @@ def run(cfg: ServeConfig | ServeInputs, *, local: bool = False) -> None:
         start_http(cfg.host, cfg.port)
         serve._run(app, name=cfg.app_name, route_prefix="/", _blocking=False)
         wait_until_running(cfg)
+        if local and (metrics := network.metrics_url()):
+            print(f"Prometheus metrics: {metrics}", flush=True)
         print(f"hashray is serving: open http://{cfg.host}:{cfg.port}/ (Ctrl-C to stop)", flush=True)
         while True:
             time.sleep(3600)
@@ -133,10 +135,11 @@ def wait_until_running(cfg: ServeConfig) -> None:
             return
         if status is not None and status.status == "DEPLOY_FAILED":
             raise HashrayError(f"the app failed to start: {status.message.strip().splitlines()[0]}")
-        starting = (
-            {} if status is None else {name: not_running(d.replica_states) for name, d in status.deployments.items()}
+        deployments = {} if status is None else status.deployments
+        starting = {name: not_running(d.replica_states) for name, d in deployments.items()}
+        line = resources.waiting(
+            starting, unplaced(cfg.app_name), wanted, ray.available_resources(), time.monotonic() - started
         )
-        line = resources.waiting(starting, wanted, ray.available_resources(), time.monotonic() - started)
         key = line and line.split(": ", 1)[1]
         if line and (key != shown or time.monotonic() - shown_at >= REPEAT_S):
             print(line, flush=True)
@@ -147,6 +150,23 @@ def wait_until_running(cfg: ServeConfig) -> None:
 def not_running(replica_states: dict) -> int:
     """Replicas of one deployment that are starting, updating or recovering."""
     return sum(count for state, count in replica_states.items() if state in ("STARTING", "UPDATING", "RECOVERING"))
+
+
+def unplaced(app_name: str) -> dict[str, int]:
+    """Replicas of ``app_name`` that Ray has not found room for yet, by deployment.
+
+    Read from Ray's actor table (GCS; it needs no dashboard): a replica actor
+    waiting for resources is PENDING_CREATION, one that runs its constructor is ALIVE.
+    """
+    from ray._private.state import actors  # a developer API: Serve's status does not tell the two apart
+
+    prefix = f"SERVE_REPLICA::{app_name}#"
+    counts: dict[str, int] = {}
+    for actor in actors(actor_state_name="PENDING_CREATION").values():
+        if actor["Name"].startswith(prefix):
+            deployment = actor["Name"][len(prefix) :].split("#", 1)[0]
+            counts[deployment] = counts.get(deployment, 0) + 1
+    return counts
 
 
 def stop(app_name: str, local: bool) -> None:

@@ -85,11 +85,11 @@ def test_a_bind_error_names_the_port_haproxy_could_not_take():
 
 
 def test_side_ports_are_free_and_differ_per_server(monkeypatch):
-    for name in (network.STATS_PORT_ENV, network.METRICS_PORT_ENV):
+    for name in network.SIDE_PORT_ENVS:
         monkeypatch.delenv(name, raising=False)
     first = network.haproxy_env("/bin/true")
     second = network.haproxy_env("/bin/true")
-    ports = {first[network.STATS_PORT_ENV], first[network.METRICS_PORT_ENV]}
-    assert len(ports) == 2 and all(int(p) in network.FREE_PORTS for p in ports)
+    ports = {first[name] for name in network.SIDE_PORT_ENVS} | {second[name] for name in network.SIDE_PORT_ENVS}
+    assert len(ports) == 6 and all(int(p) in network.FREE_PORTS for p in ports)
     assert first[network.BINARY_ENV] == second[network.BINARY_ENV]  # one launcher for every server
     assert os.access(first[network.BINARY_ENV], os.X_OK)

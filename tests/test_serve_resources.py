@@ -56,11 +56,10 @@ def test_gpus_that_are_not_there_are_refused():
 
 def test_progress_line_names_the_replica_that_waits_and_for_what():
     wanted = resources.asks(resources.fit(config(shards=2), {"CPU": 2.0}))
-    line = resources.waiting({"Encoder": 0, "IndexShard0": 1, "Ingress": 1}, wanted, {"CPU": 0.2}, 12.3)
+    starting = {"Encoder": 1, "IndexShard0": 0, "Ingress": 2}
+    line = resources.waiting(starting, {"Ingress": 1}, wanted, {"CPU": 0.2}, 12.3)
     assert line == (
-        "waiting for replicas (12 s): IndexShard0: 1 replica waiting for 0.4 CPU (0.2 CPU free); "
-        "Ingress: 1 replica waiting for 0.4 CPU (0.2 CPU free)"
+        "waiting for replicas (12 s): Encoder: 1 replica starting; "
+        "Ingress: 1 replica waiting for 0.4 CPU (0.2 CPU free); Ingress: 1 replica starting"
     )
-    starting = resources.waiting({"Ingress": 1}, wanted, {"CPU": 1.0}, 1)
-    assert starting == "waiting for replicas (1 s): Ingress: 1 replica starting"
-    assert resources.waiting({"Ingress": 0}, wanted, {"CPU": 0.0}, 1) is None
+    assert resources.waiting({"Ingress": 0}, {}, wanted, {"CPU": 0.0}, 1) is None
