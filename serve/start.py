@@ -90,7 +90,7 @@ def start_http(host: str, port: int) -> None:
                 f"cannot listen on {host}:{port}: the port is in use; pass --port with a free one"
             ) from None
         raise HashrayError(
-            f"HAProxy cannot listen on port {taken} (its stats or metrics page): the port is in use"
+            f"cannot listen on port {taken} (HAProxy's stats or metrics page, or Serve's fallback proxy): the port is in use"
         ) from None
 
 
