@@ -187,8 +187,8 @@ def run_serve(args: argparse.Namespace) -> int:
     )
     inputs = serve_config.check_inputs(cfg)  # each dir opened once, here; the replicas get the opened dirs
     serve_start.use_fast_http()  # Serve's HTTP settings go into the environment before Ray starts
-    init_ray(args.address)
-    serve_start.run(inputs)
+    local = init_ray(args.address, metrics_port=cfg.metrics_port)
+    serve_start.run(inputs, local=local)
     return 0
 
 
@@ -218,8 +218,8 @@ def run_demo(args: argparse.Namespace) -> int:
     demo.check_config(cfg)  # fail fast, before a Ray cluster is started
     if cfg.serve:
         serve_start.use_fast_http()  # Serve's HTTP settings go into the environment before Ray starts
-    init_ray(args.address)
+    local = init_ray(args.address)
     demo.run(cfg)
     if cfg.serve:
-        demo.serve_demo(cfg)
+        demo.serve_demo(cfg, local=local)
     return 0

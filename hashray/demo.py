@@ -249,8 +249,8 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
     return metrics
 
 
-def serve_demo(cfg: DemoConfig) -> None:
-    """Stage 5: serve the demo's database on ``cfg.host:cfg.port`` until interrupted."""
+def serve_demo(cfg: DemoConfig, *, local: bool = False) -> None:
+    """Stage 5: serve the demo's database on ``cfg.host:cfg.port`` until interrupted (``local``: see :func:`serve.start.run`)."""
     from serve.config import ServeConfig
     from serve.start import run as run_serve
 
@@ -263,7 +263,8 @@ def serve_demo(cfg: DemoConfig) -> None:
             host=cfg.host,
             port=cfg.port,
             encoder_gpus=1.0 if cfg.gpu else 0.0,
-        )
+        ),
+        local=local,
     )
 
 

@@ -26,6 +26,8 @@ from models.transforms import BadImage
 from serve.images import content_type
 from serve.index import Hits
 
+MAX_SAMPLE = 100  # most items GET /sample shows (the page opens on a sample of the database)
+
 if TYPE_CHECKING:  # the ingress builds the API from itself; importing it here would be circular
     from serve.deployments import Ingress
 
@@ -56,6 +58,11 @@ def create_api(service: Ingress) -> FastAPI:
         except BadImage as error:
             raise HTTPException(400 if error.reason == "too_many_pixels" else 415, detail=str(error)) from error
         return answer(service, await service.search(code, k, radius), started)
+
+    @api.get("/sample")
+    async def sample(n: int = Query(24, ge=1, le=MAX_SAMPLE, description=f"items, 1..{MAX_SAMPLE}")) -> dict[str, Any]:
+        """Items spread evenly over the database, with their labels: what the page opens on."""
+        return {"results": await service.sample(n), "count": service.generation.count}
 
     @api.get("/search/{item_id}")
     async def search_item(item_id: str, k: int = k_param(), radius: int | None = radius_param()) -> JSONResponse:

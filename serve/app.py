@@ -17,6 +17,7 @@ from ray import serve
 from models.errors import HashrayError
 from serve.config import ServeConfig, ServeInputs, check_inputs
 from serve.deployments import SEARCH_BATCHES_IN_FLIGHT, Encoder, IndexShard, Ingress
+from serve.resources import cpus
 
 # Part of Serve's throughput-optimized mode, set per replica so it needs no
 # cluster-wide flag: user code and the handle router share the replica's event
@@ -35,7 +36,11 @@ def build_app(cfg: ServeConfig | ServeInputs) -> serve.Application:
     logging_config = {"enable_access_log": cfg.access_log}
     runtime_env = {"env_vars": REPLICA_ENV}
     encoder = Encoder.options(
-        ray_actor_options={"num_cpus": cfg.encoder_cpus, "num_gpus": cfg.encoder_gpus, "runtime_env": runtime_env},
+        ray_actor_options={
+            "num_cpus": cpus(cfg, "encoder_cpus"),
+            "num_gpus": cfg.encoder_gpus,
+            "runtime_env": runtime_env,
+        },
         autoscaling_config={
             "min_replicas": cfg.encoder_min_replicas,
             "max_replicas": cfg.encoder_max_replicas,
@@ -47,14 +52,14 @@ def build_app(cfg: ServeConfig | ServeInputs) -> serve.Application:
     shards = [
         IndexShard.options(
             name=f"IndexShard{i}",
-            ray_actor_options={"num_cpus": cfg.shard_cpus, "runtime_env": runtime_env},
+            ray_actor_options={"num_cpus": cpus(cfg, "shard_cpus"), "runtime_env": runtime_env},
             max_ongoing_requests=cfg.max_ongoing_requests,
             logging_config=logging_config,
         ).bind(cfg.tie_margin, cfg.shard_threads)
         for i in range(cfg.shards)
     ]
     return Ingress.options(
-        ray_actor_options={"num_cpus": cfg.ingress_cpus, "runtime_env": runtime_env},
+        ray_actor_options={"num_cpus": cpus(cfg, "ingress_cpus"), "runtime_env": runtime_env},
         max_ongoing_requests=max(cfg.search_batch_size * SEARCH_BATCHES_IN_FLIGHT, cfg.max_ongoing_requests),
         logging_config=logging_config,
     ).bind(encoder, shards, inputs)

@@ -34,13 +34,16 @@ class ServeConfig:
         shards: index shard deployments; each holds a contiguous slice of the codes.
         host: HTTP host to bind.
         port: HTTP port.
+        metrics_port: port of Ray's Prometheus metrics (Serve's among them) when
+            ``hashray serve`` starts Ray itself (none: a free one; the URL is printed when ready).
         max_upload_mb: largest request body accepted, in MB.
         max_pixels: largest query image (width x height) decoded; more is a decompression bomb.
         encoder_gpus: GPUs per Encoder replica (1 to run the model on a GPU).
         encoder_cpus: CPUs Ray reserves per Encoder replica (fractions let the
-            app share a small machine).
-        shard_cpus: CPUs Ray reserves per index shard replica.
-        ingress_cpus: CPUs Ray reserves for the ingress replica.
+            app share a small machine; unset: 1, scaled down with the other
+            unset requests until all replicas fit a local Ray).
+        shard_cpus: CPUs Ray reserves per index shard replica (unset: 0.5, scaled like --encoder-cpus).
+        ingress_cpus: CPUs Ray reserves for the ingress replica (unset: 0.5, scaled like --encoder-cpus).
         shard_threads: faiss threads per shard replica (they split a batch of queries).
         encoder_min_replicas: fewest Encoder replicas the autoscaler keeps.
         encoder_max_replicas: most Encoder replicas the autoscaler starts.
@@ -65,12 +68,13 @@ class ServeConfig:
     shards: int = 1
     host: str = "127.0.0.1"
     port: int = 8000
+    metrics_port: int | None = None
     max_upload_mb: float = 10.0
     max_pixels: int = MAX_PIXELS
     encoder_gpus: float = 0.0
-    encoder_cpus: float = 1.0
-    shard_cpus: float = 0.5
-    ingress_cpus: float = 0.5
+    encoder_cpus: float | None = None
+    shard_cpus: float | None = None
+    ingress_cpus: float | None = None
     shard_threads: int = 1
     encoder_min_replicas: int = 1
     encoder_max_replicas: int = 1

@@ -18,6 +18,7 @@ from typing import Any
 
 import faiss
 import numpy as np
+import pyarrow as pa
 import torch
 from fastapi import FastAPI
 from ray import serve
@@ -27,7 +28,7 @@ from contracts.codes import CodesDir
 from contracts.run import RunDir
 from models.codes import pack_codes
 from models.transforms import decode_image, eval_transform, model_input
-from serve.api import create_api
+from serve.api import MAX_SAMPLE, create_api
 from serve.config import ServeInputs, check_codes_fit
 from serve.generations import Generation, Generations, ShardSlice
 from serve.images import ImageStore
@@ -153,6 +154,7 @@ class Ingress:
         self.search_code.set_max_batch_size(self.cfg.search_batch_size)
         self.search_code.set_batch_wait_timeout_s(self.cfg.search_batch_wait_s)
         self.generations = Generations()
+        self._sample: tuple[int, pa.Table] | None = None  # (generation, rows) of the last sample read
         await self.serve_codes(inputs.codes)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
@@ -238,13 +240,27 @@ class Ingress:
     def describe(self, hits: Hits) -> list[dict[str, Any]]:
         """Result rows: id, distance, class names and class indices."""
         return [
-            {
-                "id": item_id,
-                "distance": int(distance),
-                "labels": [self.classes[i] if 0 <= i < len(self.classes) else str(i) for i in label_ids],
-                "label_ids": label_ids,
-            }
+            {"id": item_id, "distance": int(distance), **self.labelled(label_ids)}
             for item_id, distance, label_ids in zip(hits.ids, hits.distances, hits.labels)
+        ]
+
+    def labelled(self, label_ids: list[int]) -> dict[str, Any]:
+        """Class names and class indices of one item."""
+        names = [self.classes[i] if 0 <= i < len(self.classes) else str(i) for i in label_ids]
+        return {"labels": names, "label_ids": label_ids}
+
+    async def sample(self, n: int) -> list[dict[str, Any]]:
+        """``n`` indexed items spread evenly over the current codes (ids and labels), first to last.
+
+        The rows are read once per generation, in a thread, on the first call.
+        """
+        generation = self.generation
+        if self._sample is None or self._sample[0] != generation.number:
+            self._sample = (generation.number, await asyncio.to_thread(read_sample, generation.codes, MAX_SAMPLE))
+        table = self._sample[1].take(spread(self._sample[1].num_rows, n))
+        return [
+            {"id": item_id, **self.labelled(label_ids)}
+            for item_id, label_ids in zip(table.column("id").to_pylist(), table.column("labels").to_pylist())
         ]
 
     async def health(self) -> dict[str, Any]:
@@ -257,6 +273,16 @@ class Ingress:
             "shards": len(self.shards),
             "generation": generation.number,
         }
+
+
+def spread(count: int, n: int) -> np.ndarray:
+    """``min(n, count)`` positions in ``range(count)`` spread evenly, first and last included."""
+    return np.unique(np.linspace(0, count - 1, min(n, count)).round().astype(np.int64)) if count else np.zeros(0, int)
+
+
+def read_sample(codes: CodesDir, n: int) -> pa.Table:
+    """Ids and labels of ``n`` rows of ``codes`` spread evenly (:func:`spread`)."""
+    return codes.read(columns=("id", "labels")).take(spread(codes.count, n))
 
 
 def read_codebook(codes: CodesDir) -> CodeBook:

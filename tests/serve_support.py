@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import random
-import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +21,7 @@ from models.codes import hamming_distances, pack_codes, topk_by_hamming
 from models.errors import HashrayError
 from models.network import HashNetConfig, ResNetHash
 from models.transforms import decode_image, eval_transform, model_input
+from serve import network
 from serve.index import slice_bounds
 
 BITS = 16
@@ -97,22 +96,8 @@ def make_servable(dataset: str, root: Path) -> Servable:
 
 
 def free_port() -> int:
-    """A free loopback port below the kernel's ephemeral range (32768 and up).
-
-    A port handed out by ``bind(port=0)`` comes from the ephemeral range, where any of Ray's
-    own sockets may take it again between this call and the moment Serve's proxy binds it.
-    Ray's workers use 10002-19999 and Serve's ingress replicas 30000-31000 (HAProxy
-    mode), so 20000-29999 is left to us.
-    """
-    for _ in range(200):
-        port = random.randrange(20000, 30000)
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free loopback port in 20000-29999")
+    """A free loopback port in the range Ray leaves alone (see :func:`serve.network.free_port`)."""
+    return network.free_port()
 
 
 @contextlib.contextmanager

@@ -185,3 +185,27 @@ def test_upload_shows_thumbnails_and_a_click_searches_again(page_url, browser: D
     by_id = httpx.get(f"{url}/search/{clicked}", params={"k": 12}, timeout=30).json()
     shown = browser.evaluate("[...document.querySelectorAll('#results .result')].map(c => c.dataset.id)")
     assert shown == [r["id"] for r in by_id["results"]]
+
+
+def test_a_first_visit_shows_a_sample_and_a_click_searches(page_url, browser: DevTools) -> None:
+    url, servable = page_url
+    sample = httpx.get(f"{url}/sample", params={"n": 24}, timeout=30).json()
+    assert sample["count"] == len(servable.ids) and len(sample["results"]) == 24
+
+    browser.send("Page.enable")
+    browser.send("Page.navigate", url=url + "/")
+    browser.wait_event("Page.loadEventFired")
+    loaded = "[...document.querySelectorAll('#results .result img')]"
+    browser.wait_for(f"{loaded}.length === 24 && {loaded}.every(i => i.complete && i.naturalWidth > 0)")
+    shown = browser.evaluate("[...document.querySelectorAll('#results .result')].map(c => c.dataset.id)")
+    assert shown == [r["id"] for r in sample["results"]]
+    labels = browser.evaluate("[...document.querySelectorAll('#results .labels')].map(d => d.textContent)")
+    assert labels == [", ".join(r["labels"]) for r in sample["results"]]
+    assert "click one to search" in browser.evaluate("document.getElementById('status').textContent")
+
+    clicked = shown[3]
+    browser.evaluate(f"document.querySelector('#results .result[data-id=\"{clicked}\"]').click()")
+    browser.wait_for(f"document.getElementById('status').textContent.includes('query item {clicked}')")
+    by_id = httpx.get(f"{url}/search/{clicked}", params={"k": 12}, timeout=30).json()
+    shown = browser.evaluate("[...document.querySelectorAll('#results .result')].map(c => c.dataset.id)")
+    assert shown == [r["id"] for r in by_id["results"]]

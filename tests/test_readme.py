@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import re
 import shlex
+import signal
 from pathlib import Path
 
+import httpx
 import pytest
+import serve_support as support
+from serve_process import READY, Server, stop_and_check_released
 
 from hashray.cli import build_parser, main
 
@@ -47,8 +51,6 @@ def test_every_hashray_command_in_the_readme_parses():
 
 @pytest.mark.heavy
 def test_walkthrough_runs_as_written(ray_session, tmp_path, monkeypatch, capsys):
-    from serve.config import ServeConfig, check_inputs
-
     *stages, serve_argv = walkthrough()
     assert [argv[0] for argv in stages] == ["ingest", "train", "encode", "encode", "evaluate"]
     monkeypatch.chdir(tmp_path)
@@ -58,6 +60,16 @@ def test_walkthrough_runs_as_written(ray_session, tmp_path, monkeypatch, capsys)
     assert "ingest: read" in printed and "mAP" in printed
     assert (tmp_path / "build" / "tour" / "eval" / "metrics.json").exists()
 
-    # `hashray serve` blocks; check that its arguments name a servable run, codes and dataset.
-    args = build_parser().parse_args(serve_argv)
-    check_inputs(ServeConfig(run=args.run, codes=args.codes, data=args.data, shards=args.shards))
+    # `hashray serve` as written (default resources), a process of its own: ready on this
+    # 2-core machine, loopback only, and Ctrl-C stops it leaving no process or port behind.
+    assert "--encoder-cpus" not in serve_argv and "--port" not in serve_argv
+    port = support.free_port()
+    server = Server([*serve_argv, "--port", str(port)], tmp_path)
+    try:
+        assert server.wait_for(READY, 240), server.output()[-3000:]
+        health = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=30).json()
+        assert health["shards"] == 2 and health["codes"] == 600
+        assert [listener for listener in server.listeners() if not listener.loopback] == []
+        assert stop_and_check_released(server, signal.SIGINT) < 20
+    finally:
+        server.kill()

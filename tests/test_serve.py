@@ -85,6 +85,21 @@ def test_page_is_served(served: Served) -> None:
     assert 'id="results"' in response.text
 
 
+def test_sample_spreads_over_the_database_with_labels(served: Served) -> None:
+    body = get(served, "/sample", params={"n": 5}).json()
+    assert body["count"] == len(served.ids)
+    ids = [r["id"] for r in body["results"]]
+    assert len(set(ids)) == 5 and ids[0] == served.ids[0] and ids[-1] == served.ids[-1]
+    assert ids == sorted(ids, key=served.ids.index)  # in database order
+    labels = dict(zip(served.ids, served.labels))
+    for row in body["results"]:
+        assert row["label_ids"] == labels[row["id"]]
+        assert row["labels"] == [served.classes[i] for i in row["label_ids"]]
+    assert len(get(served, "/sample").json()["results"]) == 24
+    assert get(served, "/sample", params={"n": 0}).status_code == 422
+    assert get(served, "/sample", params={"n": 101}).status_code == 422
+
+
 @pytest.mark.parametrize("k", [1, 5, 23, 128, 1000])
 def test_search_by_id_is_the_brute_force_ranking(served: Served, k: int) -> None:
     for row in (0, 7, 64, 127):

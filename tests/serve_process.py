@@ -1,0 +1,100 @@
+"""``hashray serve`` as a user runs it: a real subprocess with its own local Ray, stopped by a signal."""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import listeners
+
+from serve import network
+
+HASHRAY = str(Path(sys.executable).parent / "hashray")
+READY = "hashray is serving"
+
+
+class Server:
+    """A ``hashray serve`` subprocess whose output lines are collected as they come."""
+
+    def __init__(self, argv: list[str], cwd: str | Path, env: dict[str, str] | None = None) -> None:
+        # Its own local Ray, with its own HAProxy side ports (this process's Ray put its ports in os.environ).
+        inherited = {"RAY_ADDRESS", *network.SIDE_PORT_ENVS}
+        environment = {k: v for k, v in os.environ.items() if k not in inherited}
+        environment.update(env or {})
+        self.process = subprocess.Popen(
+            [HASHRAY, *argv],
+            cwd=cwd,
+            env=environment,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self.lines: list[str] = []
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            self._queue.put(line)
+        self._queue.put(None)
+
+    def wait_for(self, text: str, timeout_s: float) -> bool:
+        """Collect output until a line holds ``text`` (True) or the process ends or time runs out (False)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                line = self._queue.get(timeout=max(0.0, min(1.0, deadline - time.monotonic())))
+            except queue.Empty:
+                continue
+            if line is None:
+                return False
+            self.lines.append(line)
+            if text in line:
+                return True
+        return False
+
+    def output(self) -> str:
+        self.wait_for("\0", 0.5)  # whatever has arrived
+        return "".join(self.lines)
+
+    def listeners(self) -> list[listeners.Listener]:
+        return listeners.listeners_of(self.process.pid)
+
+    def tree(self) -> set[int]:
+        return listeners.descendants(self.process.pid)
+
+    def stop(self, sig: int = signal.SIGINT, timeout_s: float = 20.0) -> float:
+        """Send ``sig`` and return the seconds until the process exited; fails the test past ``timeout_s``."""
+        started = time.monotonic()
+        self.process.send_signal(sig)
+        try:
+            self.process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(
+                f"still running {timeout_s:.0f} s after signal {sig}:\n{self.output()[-3000:]}"
+            ) from None
+        return time.monotonic() - started
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+def stop_and_check_released(server: Server, sig: int = signal.SIGINT) -> float:
+    """Stop ``server`` with ``sig``; assert it leaves no process and no listening port behind. Returns the stop time."""
+    ports, tree = {listener.port for listener in server.listeners()}, server.tree()
+    seconds = server.stop(sig) if sig != signal.SIGKILL else (server.kill() or 0.0)
+    # After a SIGKILL nothing stops Ray in order: HAProxy dies at once with its parent,
+    # Ray's node agents notice that their raylet is gone and exit within a minute or so.
+    held, running = listeners.wait_released(ports, tree, timeout_s=120 if sig == signal.SIGKILL else 30)
+    assert not held, f"ports still listened on after signal {sig}: {sorted(held)}"
+    assert not running, f"processes still running after signal {sig}: {sorted(running)}"
+    return seconds

@@ -1,0 +1,65 @@
+"""Replica requests that fit a local Ray, the one-line refusal, and the progress line (no Ray needed)."""
+
+from __future__ import annotations
+
+import pytest
+
+from models.errors import HashrayError
+from serve import resources
+from serve.config import ServeConfig
+
+
+def config(**fields) -> ServeConfig:
+    return ServeConfig(run="r", codes="c", data="d", **fields)
+
+
+def total(cfg: ServeConfig) -> float:
+    return sum(a.cpus * a.replicas for a in resources.asks(cfg))
+
+
+def test_unset_requests_scale_down_together_to_fit_two_cores():
+    fitted = resources.fit(config(shards=2), {"CPU": 2.0})
+    assert (fitted.encoder_cpus, fitted.shard_cpus, fitted.ingress_cpus) == (0.8, 0.4, 0.4)
+    assert total(fitted) <= 2.0
+
+
+def test_defaults_that_fit_are_kept():
+    fitted = resources.fit(config(shards=2), {"CPU": 16.0})
+    assert (fitted.encoder_cpus, fitted.shard_cpus, fitted.ingress_cpus) == (1.0, 0.5, 0.5)
+
+
+def test_unset_requests_fill_what_the_set_ones_leave():
+    fitted = resources.fit(config(shards=4, encoder_cpus=1.0), {"CPU": 2.0})
+    assert fitted.encoder_cpus == 1.0
+    assert fitted.shard_cpus == fitted.ingress_cpus == 0.2  # 0.5 scaled by (2 - 1) / 2.5
+    assert total(fitted) <= 2.0
+
+
+def test_a_set_request_that_cannot_fit_names_what_is_short():
+    with pytest.raises(HashrayError) as caught:
+        resources.fit(config(shards=2, encoder_cpus=1.0, shard_cpus=0.5, ingress_cpus=0.5), {"CPU": 2.0})
+    message = str(caught.value)
+    assert "\n" not in message
+    assert "ask 2.5 CPUs" in message and "IndexShard0 0.5" in message and "has 2" in message
+    assert "0.5 short" in message and "--shard-cpus" in message
+
+
+def test_set_requests_that_leave_nothing_for_the_rest_are_refused():
+    with pytest.raises(HashrayError, match="short"):
+        resources.fit(config(encoder_cpus=2.0), {"CPU": 2.0})
+
+
+def test_gpus_that_are_not_there_are_refused():
+    with pytest.raises(HashrayError, match="--encoder-gpus 1 needs 1 GPU"):
+        resources.fit(config(encoder_gpus=1.0), {"CPU": 8.0})
+
+
+def test_progress_line_names_the_replica_that_waits_and_for_what():
+    wanted = resources.asks(resources.fit(config(shards=2), {"CPU": 2.0}))
+    starting = {"Encoder": 1, "IndexShard0": 0, "Ingress": 2}
+    line = resources.waiting(starting, {"Ingress": 1}, wanted, {"CPU": 0.2}, 12.3)
+    assert line == (
+        "waiting for replicas (12 s): Encoder: 1 replica starting; "
+        "Ingress: 1 replica waiting for 0.4 CPU (0.2 CPU free); Ingress: 1 replica starting"
+    )
+    assert resources.waiting({"Ingress": 0}, {}, wanted, {"CPU": 0.0}, 1) is None
