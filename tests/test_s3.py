@@ -56,3 +56,15 @@ def test_a_restarted_store_keeps_its_objects(s3_store):
         read_bytes(uri)
     s3_store.start()
     assert read_bytes(uri) == b"kept"
+
+
+def test_every_new_bucket_takes_writes(s3_store):
+    """Each bucket is a collection of its own in SeaweedFS: a handful of them must all take uploads."""
+    filesystem = s3_store.filesystem(create_buckets=True)
+    for index in range(4):
+        bucket = f"extra-{index}"
+        filesystem.create_dir(bucket)
+        with filesystem.open_output_stream(f"{bucket}/x.bin") as stream:
+            stream.write(b"x" * 1000)
+        with filesystem.open_input_stream(f"{bucket}/x.bin") as stream:
+            assert stream.read() == b"x" * 1000
