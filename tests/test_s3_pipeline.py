@@ -36,7 +36,7 @@ def upload_txtlist(tiny_dataset: str, raw: str) -> dict[str, str]:
         lines = []
         for file in dataset.split_files(split):
             for row in pq.read_table(file).to_pylist():
-                path = f"images/{split}/c{row['labels'][0]}/{row['id']}.png"
+                path = f"images/{split}/c{row['labels'][0]}/{row['id']}.jpg"
                 write_bytes(join(raw, path), row["image"])
                 hot = ["1" if c in row["labels"] else "0" for c in range(width)]
                 lines.append(" ".join([path, *hot]))
@@ -63,7 +63,7 @@ def test_the_pipeline_on_s3(s3_store, tiny_dataset) -> None:
     dataset = DatasetDir.open(data)
     assert dataset.info["splits"] == {"train": 96, "query": 24, "database": 128}
     first_id = pq.ParquetFile(dataset.split_files("database")[0].removeprefix("s3://"), filesystem=s3_store.filesystem()).read_row_group(0).column("id")[0].as_py()  # fmt: skip
-    assert first_id.startswith("images/database/") and first_id.endswith(".png")
+    assert first_id.startswith("images/database/") and first_id.endswith(".jpg")
 
     # train: Ray Train's storage is the run dir on S3; a run that stops after
     # epoch 1 resumes from that S3 checkpoint when the same command runs again
@@ -97,7 +97,7 @@ def test_the_pipeline_on_s3(s3_store, tiny_dataset) -> None:
         assert found.status_code == 200, found.text
         assert found.json()["results"][0]["distance"] == 0
         image = httpx.get(f"{url}/items/{ids[3]}/image", timeout=30)
-        assert image.status_code == 200 and image.headers["content-type"] == "image/png"
+        assert image.status_code == 200 and image.headers["content-type"] == "image/jpeg"
         assert httpx.get(f"{url}/search/images/none.png", timeout=30).status_code == 404
 
         query_codes = join(codes, "query")
