@@ -24,6 +24,11 @@ Why the start-up is this careful (each was a failed write in a fresh clone):
   UploadPart`` ("Not enough data nodes found" in weed's log). So the store
   grows 2 volumes at a time (``master.toml`` in its working dir), of 64 MB,
   out of 64 slots.
+- a master restarted after a kill on its old raft state waited for a leader
+  election that, after a few minutes of running, never came ("raft.Server:
+  Not current leader" for minutes). A single master has nothing to resume
+  (the volume servers report their volumes, the filer keeps the names), so it
+  starts on a fresh raft state and a restarted store answers in seconds.
 - "listening" is not "ready": the filer waits for the master, the master for
   a volume server. Ready means a real PUT and GET round trip succeeded.
 """
@@ -154,6 +159,7 @@ class S3Store:
             "-volume.max=64",
             "-volume.preStopSeconds=0",
             "-master.telemetry=false",
+            "-master.resumeState=false",
             *flags,
         ]
 

@@ -6,6 +6,7 @@ no ``manifest.json``, and the same command completes once the store is back.
 
 from __future__ import annotations
 
+import functools
 import shutil
 from pathlib import Path
 
@@ -46,6 +47,7 @@ def stop_after(monkeypatch, store, name: str) -> None:
     """Stop the store right after ``pipelines.encode.<name>`` ran (the fault's point in the encode)."""
     original = getattr(encode, name)
 
+    @functools.wraps(original)
     def then_stop(*args, **kwargs):
         result = original(*args, **kwargs)
         store.stop()
@@ -64,14 +66,19 @@ def stop_after(monkeypatch, store, name: str) -> None:
 def test_store_stopped_mid_encode_is_one_line_and_a_rerun_completes(
     s3_store, s3_inputs, point, monkeypatch, capsys
 ) -> None:
+    import ray.data
+
     data, run = s3_inputs
+    # Ray Data retries S3 calls that fail to connect for minutes (10 attempts,
+    # back-off up to 32 s each), which rides out a blip; this store stays down.
+    monkeypatch.setattr(ray.data.DataContext.get_current(), "retried_io_errors", [])
     out = s3_store.uri("faults", "codes", point)
     command = ["encode", "--run", run, "--data", data, "--split", "database", "--out", out, "--batch-size", "16"]
     stop_after(monkeypatch, s3_store, point)
     try:
         assert main(command) == 2
     finally:
-        monkeypatch.undo()
+        monkeypatch.setattr(encode, point, getattr(encode, point).__wrapped__)
         if s3_store.process is None:
             s3_store.start()
     line = one_error_line(capsys, "encode")
