@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from contracts.fs import absolute, exists, join, now_iso, parquet_files, read_json, resolve, write_json
+from contracts.fs import absolute, exists, join, now_iso, parquet_files, read_json, write_json
+from contracts.parquet import open_parquet
 from models.errors import HashrayError
 
 MANIFEST_JSON = "manifest.json"
@@ -110,14 +110,13 @@ class CodesDir:
         Every file's footer is read (it is small) to check the row total against the manifest.
         """
         stop = self.count if stop is None else stop
-        filesystem, _ = resolve(self.uri)
         pieces, offset = [], 0
         for uri in self.files:
-            parquet = pq.ParquetFile(resolve(uri)[1], filesystem=filesystem)
-            rows = parquet.metadata.num_rows
-            low, high = max(start, offset), min(stop, offset + rows)
-            if low < high:
-                pieces.append(parquet.read(columns=list(columns)).slice(low - offset, high - low))
+            with open_parquet(uri) as parquet:
+                rows = parquet.metadata.num_rows
+                low, high = max(start, offset), min(stop, offset + rows)
+                if low < high:
+                    pieces.append(parquet.read(columns=list(columns)).slice(low - offset, high - low))
             offset += rows
         if offset != self.count:
             raise HashrayError(f"{self.uri}: manifest says {self.count} codes but the Parquet files hold {offset}")

@@ -8,9 +8,11 @@ saves itself to object storage without knowing about it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import posixpath
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from typing import Any
 
@@ -18,7 +20,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from models.errors import HashrayError
+from models.errors import HashrayError, find_cause
 
 
 def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -108,6 +110,28 @@ def parquet_files(uri: str) -> list[str]:
         scheme = uri.split("://", 1)[0]
         return [f"{scheme}://{f}" for f in files]
     return files
+
+
+@contextlib.contextmanager
+def storage_errors(stage: str, uri: str) -> Iterator[None]:
+    """A failing store inside (an ``OSError``, also one raised in a Ray worker) becomes one HashrayError line.
+
+    An object store that stops answering mid-job surfaces as pyarrow's
+    ``OSError`` ("AWS Error NETWORK_CONNECTION ...") wrapped in Ray's task
+    errors: the user gets that one line, and the hint that completion markers
+    are written last, so the same command redoes the unfinished output.
+    """
+    try:
+        yield
+    except Exception as error:
+        cause = find_cause(error, OSError)
+        if cause is None or find_cause(error, HashrayError) is not None:
+            raise
+        detail = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+        raise HashrayError(
+            f"{stage}: the storage failed while writing {uri} ({detail}); the output is not marked complete: "
+            "run the same command again once the storage answers"
+        ) from error
 
 
 def now_iso() -> str:

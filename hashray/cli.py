@@ -11,7 +11,7 @@ import argparse
 import sys
 
 from hashray.commands import add_commands
-from models.errors import HashrayError
+from models.errors import HashrayError, find_cause
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,16 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def user_error(error: BaseException) -> HashrayError | None:
-    """The HashrayError behind ``error``, also when Ray wrapped it in its own exception."""
-    seen: set[int] = set()
-    current: BaseException | None = error
-    while current is not None and id(current) not in seen:
-        if isinstance(current, HashrayError):
-            return current
-        seen.add(id(current))
-        cause = getattr(current, "cause", None)  # RayTaskError keeps the original here
-        current = cause if isinstance(cause, BaseException) else (current.__cause__ or current.__context__)
-    return None
+    """The HashrayError behind ``error``, also when Ray wrapped it in its own exception (a task's, a worker's)."""
+    cause = find_cause(error, HashrayError)
+    return cause if isinstance(cause, HashrayError) else None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,12 +25,12 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 import torch
 
 from contracts.codes import MANIFEST_JSON, CodesDir, codes_schema, codes_table, label_lists, write_manifest
 from contracts.dataset import REJECTS_JSONL, SPLITS, DatasetDir
-from contracts.fs import absolute, exists, join, parquet_files, remove_dir, resolve, write_bytes
+from contracts.fs import absolute, exists, join, parquet_files, remove_dir, resolve, storage_errors, write_bytes
+from contracts.parquet import open_parquet
 from contracts.run import RunDir
 from models.codes import pack_codes
 from models.errors import HashrayError
@@ -152,9 +152,8 @@ def parquet_rows(files: list[str]) -> int:
     """Rows in Parquet files, from their footers (no data read)."""
     total = 0
     for file in files:
-        filesystem, path = resolve(file)
-        with filesystem.open_input_file(path) as handle:
-            total += pq.ParquetFile(handle).metadata.num_rows
+        with open_parquet(file) as parquet:
+            total += parquet.metadata.num_rows
     return total
 
 
@@ -199,8 +198,14 @@ def run(cfg: EncodeConfig) -> dict[str, Any]:
 
     The run, the dataset and an existing output are each opened once here
     and handed down (the run and dataset objects travel to the Ray workers as they are).
+    A store that fails on the way is one line, and ``manifest.json`` is then never written.
     """
     check_config(cfg)
+    with storage_errors("encode", cfg.out):
+        return _encode(cfg)
+
+
+def _encode(cfg: EncodeConfig) -> dict[str, Any]:
     run_dir, dataset = RunDir.open(cfg.run), DatasetDir.open(cfg.data)
     cfg = dataclasses.replace(cfg, run=run_dir.uri, data=dataset.uri, out=absolute(cfg.out))
     check_compatible(run_dir.config, dataset)

@@ -25,11 +25,10 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import ray.data
 
 from contracts.dataset import DatasetDir
-from contracts.fs import resolve
+from contracts.parquet import open_parquet
 from pipelines.preprocess import PreprocessConfig, Preprocessor, without_errors
 
 # Row groups whose rows a task shuffles together: a window of rows in memory
@@ -57,9 +56,8 @@ def row_groups(dataset: DatasetDir, split: str = "train") -> list[Segment]:
     """Every row group of a split as a whole segment, in file order (one footer read per file)."""
     segments = []
     for path in dataset.split_files(split):
-        filesystem, file_path = resolve(path)
-        with filesystem.open_input_file(file_path) as source:
-            metadata = pq.ParquetFile(source).metadata
+        with open_parquet(path) as parquet:
+            metadata = parquet.metadata
         segments += [Segment(path, g, 0, metadata.row_group(g).num_rows) for g in range(metadata.num_row_groups)]
     return segments
 
@@ -140,9 +138,8 @@ def read_segments(segments: list[Segment]) -> pa.Table:
     """The ``id``, ``image``, ``labels`` rows of the segments, in their order."""
     tables = []
     for segment in segments:
-        filesystem, path = resolve(segment.path)
-        with filesystem.open_input_file(path) as source:
-            group = pq.ParquetFile(source).read_row_group(segment.group, columns=["id", "image", "labels"])
+        with open_parquet(segment.path) as parquet:
+            group = parquet.read_row_group(segment.group, columns=["id", "image", "labels"])
         tables.append(group.slice(segment.start, segment.rows))
     return pa.concat_tables(tables)
 

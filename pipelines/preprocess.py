@@ -27,13 +27,12 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import ray
 import ray.data
 import torch
 
 from contracts.dataset import DatasetDir, multi_hot
-from contracts.fs import resolve
+from contracts.parquet import open_parquet
 from models.errors import HashrayError
 from models.transforms import MAX_PIXELS, BadImage, decode_image, image_transform
 
@@ -264,9 +263,7 @@ def read_piece(piece: dict[str, Any], batch_size: int) -> Iterator[tuple[str, di
     pieces, files = piece["pieces"], piece["files"]
     for offset, path in enumerate(piece["paths"]):
         file_index = piece["first_file"] + offset
-        filesystem, file_path = resolve(path)
-        with filesystem.open_input_file(file_path) as source:
-            parquet = pq.ParquetFile(source)
+        with open_parquet(path) as parquet:
             groups = parquet.metadata.num_row_groups
             mine = [
                 g

@@ -64,7 +64,7 @@ def create_api(service: Ingress) -> FastAPI:
         """Items spread evenly over the database, with their labels: what the page opens on."""
         return {"results": await service.sample(n), "count": service.generation.count}
 
-    @api.get("/search/{item_id}")
+    @api.get("/search/{item_id:path}")
     async def search_item(item_id: str, k: int = k_param(), radius: int | None = radius_param()) -> JSONResponse:
         started = time.perf_counter()
         check_radius(radius, service.bits)
@@ -73,7 +73,7 @@ def create_api(service: Ingress) -> FastAPI:
             raise HTTPException(404, detail=f"no indexed item has id {item_id!r}")
         return answer(service, hits, started)
 
-    @api.get("/items/{item_id}/image")
+    @api.get("/items/{item_id:path}/image")
     async def item_image(item_id: str) -> Response:
         data = await asyncio.to_thread(service.images.get, item_id)
         if data is None:

@@ -7,11 +7,10 @@ import io
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
 
 from contracts.dataset import DatasetDir
-from contracts.fs import resolve
+from contracts.parquet import open_parquet
 from serve.index import IdIndex
 
 
@@ -33,16 +32,17 @@ class ImageStore:
     """
 
     def __init__(self, dataset: DatasetDir, *, split: str = "database", cache_row_groups: int = 8) -> None:
-        self._filesystem, _ = resolve(dataset.uri)
-        self._files = [resolve(uri)[1] for uri in dataset.split_files(split)]
+        self._files = dataset.split_files(split)
         ids, locations = [], []
-        for file_index, path in enumerate(self._files):
-            parquet = pq.ParquetFile(path, filesystem=self._filesystem)
-            for group in range(parquet.num_row_groups):
-                column = parquet.read_row_group(group, columns=["id"]).column("id")
-                ids.append(column)
-                rows = np.arange(len(column), dtype=np.int32)
-                locations.append(np.stack([np.full_like(rows, file_index), np.full_like(rows, group), rows], axis=1))
+        for file_index, uri in enumerate(self._files):
+            with open_parquet(uri) as parquet:
+                for group in range(parquet.num_row_groups):
+                    column = parquet.read_row_group(group, columns=["id"]).column("id")
+                    ids.append(column)
+                    rows = np.arange(len(column), dtype=np.int32)
+                    locations.append(
+                        np.stack([np.full_like(rows, file_index), np.full_like(rows, group), rows], axis=1)
+                    )
         self._ids = IdIndex(pa.chunked_array([c for chunked in ids for c in chunked.chunks], type=pa.string()))
         self._locations = np.concatenate(locations) if locations else np.zeros((0, 3), dtype=np.int32)
         self._row_group = functools.lru_cache(maxsize=cache_row_groups)(self._read_row_group)
@@ -59,5 +59,5 @@ class ImageStore:
         return self._row_group(file_index, group)[offset].as_py()
 
     def _read_row_group(self, file_index: int, group: int) -> pa.Array:
-        parquet = pq.ParquetFile(self._files[file_index], filesystem=self._filesystem)
-        return parquet.read_row_group(group, columns=["image"]).column("image").combine_chunks()
+        with open_parquet(self._files[file_index]) as parquet:
+            return parquet.read_row_group(group, columns=["image"]).column("image").combine_chunks()

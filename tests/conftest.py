@@ -1,4 +1,4 @@
-"""Shared fixtures: one small local Ray for the whole test session."""
+"""Shared fixtures: one small local Ray for the whole test session, and an S3 store beside it."""
 
 from __future__ import annotations
 
@@ -10,7 +10,23 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 
 @pytest.fixture(scope="session")
-def ray_session():
+def s3_plan(tmp_path_factory):
+    """The session's S3 store, not yet started: its ports, and the AWS variables that point at it.
+
+    The variables go into the environment before the session's ``ray.init``,
+    so every Ray worker inherits them, as a cluster's workers inherit a
+    user's. The store itself starts only for the tests that use it (``s3_store``).
+    """
+    from s3_support import S3Store
+
+    store = S3Store(tmp_path_factory.mktemp("s3"))
+    os.environ.update(store.env())
+    yield store
+    store.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_session(s3_plan):
     """A 2-CPU local Ray shared by every test that needs one."""
     import ray
 
@@ -50,3 +66,11 @@ def tiny_dataset(ray_session, tmp_path_factory) -> str:
         )
     )
     return out
+
+
+@pytest.fixture(scope="session")
+def s3_store(s3_plan, ray_session):
+    """The running S3 store (SeaweedFS on loopback), ready once a write and a read went through."""
+    if s3_plan.process is None:
+        s3_plan.start()
+    return s3_plan
