@@ -28,6 +28,8 @@ TRAIN = (
 BATCH = 16
 # Written when Ray Train has committed a checkpoint (not only uploaded it).
 CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"
+# Ray Data's actor pool workers (their class name in the actor table).
+ENCODER_ACTOR = "MapWorker"
 
 
 @pytest.fixture(scope="module")
@@ -60,9 +62,16 @@ def history(run_dir: str) -> list[dict]:
     return json.loads(Path(run_dir, HISTORY_JSON).read_text())["epochs"]
 
 
-def test_train_puts_two_workers_on_two_nodes_and_pairs_across_them(nodes: LocalCluster, dataset, tmp_path) -> None:
-    run_dir = str(tmp_path / "run")
-    nodes.hashray("train", "--data", dataset, "--run", run_dir, "--epochs", "2", *TRAIN)
+@pytest.fixture(scope="module")
+def trained(cluster: LocalCluster, dataset: str, tmp_path_factory) -> str:
+    """A run dir trained on the cluster with two workers spread over the two nodes (what encode and serve use)."""
+    run_dir = str(tmp_path_factory.mktemp("cluster") / "run")
+    cluster.hashray("train", "--data", dataset, "--run", run_dir, "--epochs", "2", *TRAIN)
+    return run_dir
+
+
+def test_train_puts_two_workers_on_two_nodes_and_pairs_across_them(nodes: LocalCluster, trained: str) -> None:
+    run_dir = trained
     epochs = history(run_dir)
     assert [h["epoch"] for h in epochs] == [1, 2]
     for h in epochs:
@@ -97,3 +106,63 @@ def test_train_resumes_on_the_nodes_left_when_a_worker_node_is_lost(nodes: Local
 
 def read_codes(codes_dir: str) -> pa.Table:
     return pa.concat_tables(pq.read_table(p) for p in sorted(Path(codes_dir).glob("*.parquet")))
+
+
+def encode(trained: str, dataset: str, out: Path) -> list[str]:
+    """The `hashray encode` command of the database split with an actor pool of two."""
+    return [
+        *("encode", "--run", trained, "--data", dataset, "--split", "database", "--out", str(out)),
+        *("--pool-size", "2", "--batch-size", "8"),
+    ]
+
+
+@pytest.fixture(scope="module")
+def clean_codes(cluster: LocalCluster, trained: str, dataset: str, tmp_path_factory) -> tuple[str, set[str]]:
+    """The database codes of an encode on two healthy nodes, and the nodes its encoder actors ran on."""
+    out = tmp_path_factory.mktemp("cluster") / "codes"
+    before = set(cluster.actors(ENCODER_ACTOR).get("DEAD", []))
+    cluster.hashray(*encode(trained, dataset, out))
+    actor_nodes = cluster.actors(ENCODER_ACTOR)
+    return str(out), set(actor_nodes.get("DEAD", [])) - before | set(actor_nodes.get("ALIVE", []))
+
+
+def database_ids(dataset: str) -> list[str]:
+    return read_codes(str(Path(dataset, "database"))).column("id").to_pylist()
+
+
+def check_exact(codes_dir: str, dataset: str) -> pa.Table:
+    """Every database row exactly once: the count, the ids, and the manifest agree."""
+    table = read_codes(codes_dir)
+    ids = table.column("id").to_pylist()
+    assert len(ids) == len(set(ids)) == json.loads(Path(codes_dir, "manifest.json").read_text())["count"]
+    assert sorted(ids) == sorted(database_ids(dataset))
+    return table.sort_by("id")
+
+
+def test_encode_spreads_the_actor_pool_over_both_nodes(nodes: LocalCluster, clean_codes, dataset) -> None:
+    codes_dir, actor_nodes = clean_codes
+    assert actor_nodes == set(nodes.workers)
+    check_exact(codes_dir, dataset)
+
+
+def test_encode_writes_every_row_once_when_a_worker_node_is_lost(
+    nodes: LocalCluster, trained, dataset, clean_codes, tmp_path
+) -> None:
+    out = tmp_path / "codes"
+    job = nodes.start(*encode(trained, dataset, out))
+    try:
+        wait_for(
+            lambda: len(set(nodes.actors(ENCODER_ACTOR).get("ALIVE", []))) == 2 or job.poll() is not None,
+            120,
+            "encoder actors on both nodes",
+            poll=0.05,
+        )
+        assert job.poll() is None, f"encode ended before a node could be removed:\n{job.stdout.read()}"
+        nodes.remove_node(nodes.workers[-1])
+        output, _ = job.communicate(timeout=300)
+    finally:
+        job.kill()
+    assert job.returncode == 0, output
+    again, clean = check_exact(str(out), dataset), check_exact(clean_codes[0], dataset)
+    assert again.column("code").equals(clean.column("code"))  # bit for bit a clean run's codes
+    assert again.column("labels").equals(clean.column("labels"))
