@@ -25,6 +25,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from serve_support import free_port
+
+from serve.start import FAST_HTTP_ENV
+
 ROOT = Path(__file__).resolve().parent.parent
 HASHRAY = str(Path(sys.executable).with_name("hashray"))
 # Ray resources are logical: two CPUs per worker node lets one surviving node
@@ -44,6 +48,8 @@ class LocalCluster:
     address: str
     tmpdir: str
     workers: list[str] = field(default_factory=list)
+    # Serve keeps the HTTP port of the first `hashray serve` for the cluster's lifetime.
+    serve_port: int = field(default_factory=free_port)
 
     def env(self, **extra: str) -> dict[str, str]:
         """The environment of a `hashray` command that joins this cluster."""
@@ -114,6 +120,8 @@ def local_cluster() -> Iterator[LocalCluster]:
     tmpdir = tempfile.mkdtemp(prefix="hrc-", dir="/tmp")
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
     env["RAY_TMPDIR"] = tmpdir
+    for name, value in FAST_HTTP_ENV.items():  # Serve's HTTP mode comes from the cluster's own environment
+        env.setdefault(name, value)
     process = subprocess.Popen(
         [sys.executable, __file__],
         cwd=ROOT,
