@@ -40,6 +40,9 @@ logger = logging.getLogger(__name__)
 MIN_IMAGE_SIZE = 32
 # Validation holds out at most 1/10 of the train rows: the rest train.
 MAX_HOLDOUT_SHARE = 10
+# --placement -> Ray Train's placement group strategy. Both are soft: a run that
+# lost a node restarts its workers on the nodes left.
+PLACEMENTS = {"pack": "PACK", "spread": "SPREAD"}
 
 
 # The backbone's share of the learning rate when --backbone-lr-ratio is not given:
@@ -73,6 +76,8 @@ class TrainConfig:
         weights: initial backbone: ``none``, ``imagenet`` or the path of a ResNet state_dict.
         allow_download: let torchvision fetch missing ImageNet weights.
         workers: Ray Train workers (DDP when > 1).
+        placement: where the workers go: ``pack`` fills one node before the next, ``spread`` puts them
+            on as many nodes as there are (both fall back to whatever fits when nodes are lost).
         gpu: one GPU per worker, bf16 autocast and channels_last.
         cpus_per_worker: CPUs reserved per training worker in Ray's scheduling.
         threads: torch threads per training worker on CPU; 0: the node's cores shared among the
@@ -105,6 +110,7 @@ class TrainConfig:
     weights: str = "none"
     allow_download: bool = False
     workers: int = 1
+    placement: str = field(default="pack", metadata={"choices": tuple(PLACEMENTS)})
     gpu: bool = False
     cpus_per_worker: float = 0.5
     threads: int = 0
@@ -165,7 +171,10 @@ def fit(
             "plan": plan,
         },
         scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.workers, use_gpu=cfg.gpu, resources_per_worker={"CPU": cfg.cpus_per_worker}
+            num_workers=cfg.workers,
+            use_gpu=cfg.gpu,
+            resources_per_worker={"CPU": cfg.cpus_per_worker},
+            placement_strategy=PLACEMENTS[cfg.placement],
         ),
         run_config=run_config(cfg),
         datasets=validation_datasets(cfg, plan, len(dataset.classes)),
@@ -199,6 +208,8 @@ def validate(cfg: TrainConfig) -> tuple[DatasetDir, dict[str, torch.Tensor] | No
     """
     check_arch(cfg.arch)
     check_bits(cfg.bits)
+    if cfg.placement not in PLACEMENTS:
+        raise HashrayError(f"unknown placement {cfg.placement!r}; choose one of {', '.join(PLACEMENTS)}")
     training_loss(cfg)
     check_numbers(cfg)
     dataset = DatasetDir.open(cfg.data)

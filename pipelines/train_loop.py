@@ -88,7 +88,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             module.backbone.eval()  # keep the pretrained BatchNorm statistics too
         data = epoch_data(plan, cfg, len(net.classes), epoch=epoch, rank=rank, workers=world_size)
         metrics = train_one_epoch(model, data, loss_fn, optimizer, device, cfg, net)
-        metrics.update(epoch=epoch + 1, resumed_from=start_epoch, lr=optimizer.param_groups[-1]["lr"])
+        metrics.update(
+            epoch=epoch + 1, resumed_from=start_epoch, lr=optimizer.param_groups[-1]["lr"], nodes=worker_nodes()
+        )
         scheduler.step()
         if rank == 0 and cfg.val_queries:
             metrics["val_mAP"] = validation_map(module, device, cfg, net)
@@ -106,6 +108,18 @@ def cpu_threads(requested: int, local_workers: int) -> int:
     if requested:
         return requested
     return max(1, len(os.sched_getaffinity(0)) // max(local_workers, 1))
+
+
+def worker_nodes() -> list[str]:
+    """The Ray node id of every worker, by rank: where an epoch ran (a resumed run may have moved)."""
+    import ray
+
+    node = ray.get_runtime_context().get_node_id()
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [node]
+    nodes: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(nodes, node)
+    return [str(n) for n in nodes]
 
 
 def epoch_data(plan: EpochPlan, cfg: TrainConfig, num_classes: int, *, epoch: int, rank: int, workers: int) -> Any:

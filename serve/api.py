@@ -36,6 +36,10 @@ logger = logging.getLogger(__name__)
 MAX_K = 1000
 
 
+class BackendUnavailable(Exception):
+    """A backend replica did not answer in time (it is down or restarting): the request gets 503, never a guess."""
+
+
 def create_api(service: Ingress) -> FastAPI:
     """The FastAPI routes of ``service``; every error is a JSON ``{"detail": ...}``."""
     api = FastAPI(title="hashray", description="Deep-hashing image retrieval", docs_url="/docs")
@@ -91,8 +95,9 @@ def create_api(service: Ingress) -> FastAPI:
             raise HTTPException(400, detail=str(error)) from error
         return {"codes": generation.count, "generation": generation.number, "took_ms": elapsed_ms(started)}
 
+    @api.exception_handler(BackendUnavailable)
     @api.exception_handler(ray.exceptions.RayError)
-    async def backend_unavailable(_: Request, error: ray.exceptions.RayError) -> JSONResponse:
+    async def backend_unavailable(_: Request, error: Exception) -> JSONResponse:
         logger.warning("a backend replica failed: %s", error)
         return JSONResponse({"detail": "a backend replica is unavailable; retry shortly"}, status_code=503)
 

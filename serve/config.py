@@ -54,6 +54,8 @@ class ServeConfig:
             shards in one call per shard.
         search_batch_wait_s: longest wait, in seconds, to fill a search batch
             (0 takes the queries that arrived while the previous batch ran).
+        search_timeout_s: longest wait, in seconds, for every shard's answer to a search; past it the
+            query gets 503 (a shard replica is down, e.g. its node was lost, until Serve restarts it).
         max_ongoing_requests: concurrent requests per ingress or shard replica.
         tie_margin: extra neighbours each shard asks faiss for (see serve.index).
         image_cache_row_groups: Parquet row groups of stored images kept in memory.
@@ -83,6 +85,7 @@ class ServeConfig:
     batch_wait_s: float = 0.005
     search_batch_size: int = 32
     search_batch_wait_s: float = 0.0
+    search_timeout_s: float = 10.0
     max_ongoing_requests: int = 128
     tie_margin: int = DEFAULT_TIE_MARGIN
     image_cache_row_groups: int = 8
@@ -122,8 +125,8 @@ def check_inputs(cfg: ServeConfig) -> ServeInputs:
     data = DatasetDir.open(cfg.data)
     data.split_files("database")  # the web page shows the database's stored images
     slice_bounds(codes.count, cfg.shards)
-    if cfg.max_upload_mb <= 0 or cfg.max_pixels <= 0:
-        raise HashrayError("--max-upload-mb and --max-pixels must be positive")
+    if cfg.max_upload_mb <= 0 or cfg.max_pixels <= 0 or cfg.search_timeout_s <= 0:
+        raise HashrayError("--max-upload-mb, --max-pixels and --search-timeout-s must be positive")
     if not 1 <= cfg.encoder_min_replicas <= cfg.encoder_max_replicas:
         raise HashrayError("need 1 <= --encoder-min-replicas <= --encoder-max-replicas")
     cfg = dataclasses.replace(cfg, run=run.uri, codes=codes.uri, data=data.uri)

@@ -28,7 +28,7 @@ from contracts.codes import CodesDir
 from contracts.run import RunDir
 from models.codes import pack_codes
 from models.transforms import decode_image, eval_transform, model_input
-from serve.api import MAX_SAMPLE, create_api
+from serve.api import MAX_SAMPLE, BackendUnavailable, create_api
 from serve.config import ServeInputs, check_codes_fit
 from serve.generations import Generation, Generations, ShardSlice
 from serve.images import ImageStore
@@ -189,11 +189,22 @@ class Ingress:
     async def _retire_all_but(self, generation: Generation) -> None:
         await self.scatter(generation.slices, "retire")
 
-    async def scatter(self, slices: tuple[ShardSlice, ...], method: str, *args: Any) -> list[Any]:
-        """Call ``method(slice, *args)`` on every shard at once; answers in shard order."""
-        return await asyncio.gather(
+    async def scatter(
+        self, slices: tuple[ShardSlice, ...], method: str, *args: Any, timeout_s: float | None = None
+    ) -> list[Any]:
+        """Call ``method(slice, *args)`` on every shard at once; answers in shard order.
+
+        With ``timeout_s``, a shard that has not answered by then (its replica is
+        gone and Serve has not restarted it yet) raises :class:`BackendUnavailable`
+        for the whole call: no partial merge of the shards that did answer.
+        """
+        calls = asyncio.gather(
             *(getattr(shard, method).remote(part, *args) for shard, part in zip(self.shards, slices))
         )
+        try:
+            return await asyncio.wait_for(calls, timeout_s)
+        except TimeoutError:
+            raise BackendUnavailable(f"a shard did not answer {method} within {timeout_s} s") from None
 
     async def search(self, code: np.ndarray, k: int, radius: int | None) -> Hits:
         """Exact top-k of one packed code, on the generation current when it starts."""
@@ -221,7 +232,9 @@ class Ingress:
             first = queries[rows[0]]
             codes = np.stack([queries[row].code for row in rows])
             k = max(queries[row].k for row in rows)
-            per_shard = await self.scatter(first.generation.slices, "search", codes, k, first.radius)
+            per_shard = await self.scatter(
+                first.generation.slices, "search", codes, k, first.radius, timeout_s=self.cfg.search_timeout_s
+            )
             for column, row in enumerate(rows):
                 results[row] = merge_hits([hits[column] for hits in per_shard], queries[row].k)
 
@@ -265,7 +278,7 @@ class Ingress:
 
     async def health(self) -> dict[str, Any]:
         with self.generations.pinned() as generation:
-            counts = await self.scatter(generation.slices, "load")
+            counts = await self.scatter(generation.slices, "load", timeout_s=self.cfg.search_timeout_s)
         return {
             "status": "ok",
             "codes": int(sum(counts)),
