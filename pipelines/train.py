@@ -45,8 +45,7 @@ MAX_HOLDOUT_SHARE = 10
 PLACEMENTS = {"pack": "PACK", "spread": "SPREAD"}
 
 
-# The backbone's share of the learning rate when --backbone-lr-ratio is not given:
-# a pretrained backbone is fine-tuned gently, a random one must learn as fast as the hash layer.
+# --backbone-lr-ratio's defaults: fine-tune a pretrained backbone gently; a random one learns at full rate.
 FINE_TUNE_BACKBONE_RATIO = 0.1
 FROM_SCRATCH_BACKBONE_RATIO = 1.0
 
