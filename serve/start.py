@@ -107,9 +107,9 @@ def run(cfg: ServeConfig | ServeInputs, *, local: bool = False) -> None:
         inputs = dataclasses.replace(inputs, cfg=resources.fit(inputs.cfg, ray.cluster_resources()))
     cfg = inputs.cfg
     app = build_app(inputs)
+    start_http(cfg.host, cfg.port)  # undoes itself when the port is taken: nothing to stop then
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # a stop is a Ctrl-C
     try:
-        start_http(cfg.host, cfg.port)
         serve._run(app, name=cfg.app_name, route_prefix="/", _blocking=False)
         wait_until_running(cfg)
         if local and (metrics := network.metrics_url()):
