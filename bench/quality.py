@@ -46,10 +46,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
 import quality_report as report  # noqa: E402
 
 from contracts.dataset import DatasetDir  # noqa: E402
+from contracts.fs import read_table  # noqa: E402
 from contracts.run import HISTORY_JSON  # noqa: E402
 from models.errors import HashrayError  # noqa: E402
 from models.loss import LOSSES  # noqa: E402
@@ -280,7 +280,7 @@ def run_setting(cfg: QualityConfig, data: str, out: Path, setting: Setting, weig
 
 def per_query(out: Path, setting: str) -> dict[str, np.ndarray]:
     """Each query's figures of one run (``per_query.parquet`` of its evaluation)."""
-    table = pq.read_table(out / "runs" / setting / "eval" / PER_QUERY_PARQUET)
+    table = read_table(str(out / "runs" / setting / "eval" / PER_QUERY_PARQUET))
     return {metric: table.column(metric).to_numpy() for metric in report.RATIO_METRICS}
 
 
