@@ -2,13 +2,14 @@
 
 ``manifest.json`` (``{"bits", "count", "model", "dataset", "split", "created", ...}``)
 marks the dir complete; a dir without one is never read. :class:`CodesDir`
-is the one reader: evaluate reads every row, a serving shard its slice, the
-id lookup only the ``id`` and ``code`` columns.
+is the one reader: evaluate reads every row (:meth:`CodesDir.read`), a serving
+shard streams it one row group at a time and keeps its own rows
+(:meth:`CodesDir.row_groups`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -125,3 +126,22 @@ class CodesDir:
         full = codes_schema(self.bits)
         schema = pa.schema([full.field(name) for name in columns])
         return pa.concat_tables([p.cast(schema) for p in pieces]) if pieces else schema.empty_table()
+
+    def row_groups(self, columns: Sequence[str] = CODES_COLUMNS) -> Iterator[tuple[int, pa.Table]]:
+        """Every Parquet row group in :meth:`read`'s row order, one at a time, with its first row's position.
+
+        A reader that keeps a part of each (a shard of a 100M-row dir) never
+        holds more than its part plus one row group. The row total is checked
+        against the manifest at the end.
+        """
+        full = codes_schema(self.bits)
+        schema = pa.schema([full.field(name) for name in columns])
+        offset = 0
+        for uri in self.files:
+            with open_parquet(uri) as parquet:
+                for group in range(parquet.num_row_groups):
+                    table = parquet.read_row_group(group, columns=list(columns)).cast(schema)
+                    yield offset, table
+                    offset += table.num_rows
+        if offset != self.count:
+            raise HashrayError(f"{self.uri}: manifest says {self.count} codes but the Parquet files hold {offset}")

@@ -15,18 +15,22 @@ from typing import Any
 from ray import serve
 
 from models.errors import HashrayError
+from serve.catalog import Catalog
 from serve.config import ServeConfig, ServeInputs, check_inputs
-from serve.deployments import SEARCH_BATCHES_IN_FLIGHT, Encoder, IndexShard, Ingress
-from serve.resources import cpus
+from serve.deployments import SEARCH_BATCHES_IN_FLIGHT, Encoder, Ingress
+from serve.resources import CATALOG_CPUS, cpus
+from serve.shard import IndexShard
 
 # Part of Serve's throughput-optimized mode, set per replica so it needs no
 # cluster-wide flag: user code and the handle router share the replica's event
 # loop, which saves two thread hops per call on a small machine.
 REPLICA_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}
+# Calls the catalog holds at once: one long poll per ingress replica, plus reloads and reports.
+CATALOG_ONGOING = 1000
 
 
 def build_app(cfg: ServeConfig | ServeInputs) -> serve.Application:
-    """The Serve application: Encoder + ``cfg.shards`` IndexShards behind the Ingress.
+    """The Serve application: Encoder + ``cfg.shards`` IndexShards + the Catalog behind the Ingress replicas.
 
     ``cfg`` may be what :func:`check_inputs` already returned, so a caller
     that checked first (``hashray serve``) does not open the dirs twice.
@@ -58,11 +62,27 @@ def build_app(cfg: ServeConfig | ServeInputs) -> serve.Application:
         ).bind(cfg.tie_margin, cfg.shard_threads)
         for i in range(cfg.shards)
     ]
+    catalog = Catalog.options(
+        num_replicas=1,
+        ray_actor_options={"num_cpus": CATALOG_CPUS, "runtime_env": runtime_env},
+        max_ongoing_requests=CATALOG_ONGOING,
+        logging_config=logging_config,
+    ).bind(shards, inputs.codes, inputs.run.config.bits)
     return Ingress.options(
         ray_actor_options={"num_cpus": cpus(cfg, "ingress_cpus"), "runtime_env": runtime_env},
+        autoscaling_config=ingress_autoscaling(cfg),
         max_ongoing_requests=max(cfg.search_batch_size * SEARCH_BATCHES_IN_FLIGHT, cfg.max_ongoing_requests),
         logging_config=logging_config,
-    ).bind(encoder, shards, inputs)
+    ).bind(encoder, shards, catalog, inputs)
+
+
+def ingress_autoscaling(cfg: ServeConfig) -> dict[str, Any]:
+    """Serve's autoscaling config of the ingress: replicas between the two flags, by ongoing HTTP requests."""
+    return {
+        "min_replicas": cfg.ingress_min_replicas,
+        "max_replicas": cfg.ingress_max_replicas,
+        "target_ongoing_requests": cfg.ingress_target_ongoing_requests,
+    }
 
 
 def app_builder(args: dict[str, Any]) -> serve.Application:

@@ -3,7 +3,7 @@
 :func:`check_inputs` opens the run, codes and dataset dirs once and returns
 them as :class:`ServeInputs`; the deployments take those opened objects, so
 no replica reads ``manifest.json``, ``config.json`` or ``dataset.json`` again
-(a reload opens its new codes dir once, in the ingress).
+(a reload opens its new codes dir once, in the catalog).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from contracts.dataset import DatasetDir
 from contracts.run import RunDir
 from models.errors import HashrayError
 from models.transforms import MAX_PIXELS
-from serve.index import DEFAULT_TIE_MARGIN, slice_bounds
+from serve.index import DEFAULT_TIE_MARGIN, check_shards
 
 # Where `hashray serve` takes --admin-token from when the flag is not given;
 # a deployed app (serve/config.yaml) takes it from its own args only.
@@ -31,7 +31,7 @@ class ServeConfig:
         run: finished training run dir (the query encoder).
         codes: codes dir of the database split (what is searched).
         data: dataset dir (stored images and class names).
-        shards: index shard deployments; each holds a contiguous slice of the codes.
+        shards: index shard deployments; each holds the rows whose id hashes to it (id hash % shards).
         host: HTTP host to bind.
         port: HTTP port.
         metrics_port: port of Ray's Prometheus metrics (Serve's among them) when
@@ -43,11 +43,15 @@ class ServeConfig:
             app share a small machine; unset: 1, scaled down with the other
             unset requests until all replicas fit a local Ray).
         shard_cpus: CPUs Ray reserves per index shard replica (unset: 0.5, scaled like --encoder-cpus).
-        ingress_cpus: CPUs Ray reserves for the ingress replica (unset: 0.5, scaled like --encoder-cpus).
+        ingress_cpus: CPUs Ray reserves per ingress replica (unset: 0.5, scaled like --encoder-cpus).
         shard_threads: faiss threads per shard replica (they split a batch of queries).
         encoder_min_replicas: fewest Encoder replicas the autoscaler keeps.
         encoder_max_replicas: most Encoder replicas the autoscaler starts.
         target_ongoing_requests: ongoing requests per Encoder replica the autoscaler aims for.
+        ingress_min_replicas: fewest ingress (HTTP) replicas the autoscaler keeps; each one needs
+            --ingress-cpus, and the start waits until this many run.
+        ingress_max_replicas: most ingress replicas the autoscaler starts under load.
+        ingress_target_ongoing_requests: ongoing HTTP requests per ingress replica the autoscaler aims for.
         max_batch_size: most concurrent queries one Encoder forward pass takes.
         batch_wait_s: longest wait, in seconds, to fill an Encoder batch.
         search_batch_size: most concurrent searches the ingress sends to the
@@ -81,6 +85,9 @@ class ServeConfig:
     encoder_min_replicas: int = 1
     encoder_max_replicas: int = 1
     target_ongoing_requests: float = 8.0
+    ingress_min_replicas: int = 1
+    ingress_max_replicas: int = 1
+    ingress_target_ongoing_requests: float = 32.0
     max_batch_size: int = 16
     batch_wait_s: float = 0.005
     search_batch_size: int = 32
@@ -113,8 +120,13 @@ class ServeInputs:
 
 def check_codes_fit(codes: CodesDir, run: RunDir) -> None:
     """Codes of another length than the model makes cannot be searched with its queries."""
-    if codes.bits != run.config.bits:
-        raise HashrayError(f"{codes.uri} holds {codes.bits}-bit codes but {run.uri} makes {run.config.bits}-bit codes")
+    check_codes_bits(codes, run.config.bits, f"{run.uri} makes")
+
+
+def check_codes_bits(codes: CodesDir, bits: int, who: str = "the served model makes") -> None:
+    """:func:`check_codes_fit` where only the model's code length is at hand (the catalog's reload)."""
+    if codes.bits != bits:
+        raise HashrayError(f"{codes.uri} holds {codes.bits}-bit codes but {who} {bits}-bit codes")
 
 
 def check_inputs(cfg: ServeConfig) -> ServeInputs:
@@ -124,10 +136,14 @@ def check_inputs(cfg: ServeConfig) -> ServeInputs:
     check_codes_fit(codes, run)
     data = DatasetDir.open(cfg.data)
     data.split_files("database")  # the web page shows the database's stored images
-    slice_bounds(codes.count, cfg.shards)
+    check_shards(cfg.shards)
     if cfg.max_upload_mb <= 0 or cfg.max_pixels <= 0 or cfg.search_timeout_s <= 0:
         raise HashrayError("--max-upload-mb, --max-pixels and --search-timeout-s must be positive")
     if not 1 <= cfg.encoder_min_replicas <= cfg.encoder_max_replicas:
         raise HashrayError("need 1 <= --encoder-min-replicas <= --encoder-max-replicas")
+    if not 1 <= cfg.ingress_min_replicas <= cfg.ingress_max_replicas:
+        raise HashrayError("need 1 <= --ingress-min-replicas <= --ingress-max-replicas")
+    if cfg.ingress_target_ongoing_requests <= 0:
+        raise HashrayError("--ingress-target-ongoing-requests must be positive")
     cfg = dataclasses.replace(cfg, run=run.uri, codes=codes.uri, data=data.uri)
     return ServeInputs(cfg, run, codes, data)

@@ -1,11 +1,12 @@
-"""The three Serve deployments: the Encoder, the IndexShards and the Ingress that joins them.
+"""The Encoder and the Ingress deployments; the shards are in :mod:`serve.shard`, the catalog in :mod:`serve.catalog`.
 
 A query image goes ingress (decode, transform) -> Encoder (batched forward
-pass, sign bits) -> every IndexShard (exact top-k of its slice) -> ingress
-(exact merge, ids and class names). A query by id skips the Encoder: the
-ingress keeps every id's code (:class:`serve.index.CodeBook`). The HTTP routes
-are in :mod:`serve.api`, the pin/drain rules of a reload in
-:mod:`serve.generations`; what is here is what runs inside the replicas.
+pass, sign bits) -> every IndexShard (exact top-k of its partition) -> ingress
+(exact merge, ids and class names). A query by id skips the Encoder: the one
+shard that owns the id (its hash % shards) returns its code, then every shard
+is searched. The ingress replicas are alike and hold no index: each follows
+the catalog's current generation and pins it per request. The HTTP routes are
+in :mod:`serve.api`, the pin and reload rules in :mod:`serve.generations`.
 """
 
 from __future__ import annotations
@@ -13,10 +14,10 @@ from __future__ import annotations
 import asyncio
 import importlib.resources
 import logging
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
-import faiss
 import numpy as np
 import pyarrow as pa
 import torch
@@ -25,14 +26,17 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from contracts.codes import CodesDir
+from contracts.ids import owner
 from contracts.run import RunDir
 from models.codes import pack_codes
+from models.errors import find_cause
 from models.transforms import decode_image, eval_transform, model_input
 from serve.api import MAX_SAMPLE, BackendUnavailable, create_api
-from serve.config import ServeInputs, check_codes_fit
-from serve.generations import Generation, Generations, ShardSlice
+from serve.config import ServeInputs
+from serve.generations import WATCH_S, Generation, Generations
 from serve.images import ImageStore
-from serve.index import CodeBook, Hits, ShardIndex, merge_hits, slice_bounds
+from serve.index import Hits, merge_hits
+from serve.memory import rss_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +48,12 @@ QUERY_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 # its own starts, and the CPUs idle between the two (155 -> 270 queries/s with 4
 # on 2 cores, 8 clients).
 SEARCH_BATCHES_IN_FLIGHT = 4
+# Times a request is run again whole when a shard had already dropped its generation.
+RETRIES = 3
+
+
+class GenerationRetired(Exception):
+    """A shard no longer holds the generation a request pinned: the request runs again on the current one."""
 
 
 @dataclass(frozen=True)
@@ -54,6 +64,18 @@ class CodeQuery:
     code: np.ndarray
     k: int
     radius: int | None
+
+
+@dataclass(frozen=True)
+class IdQuery:
+    """One id lookup as the ingress batches it: asked of the shard that owns the id."""
+
+    generation: Generation
+    item_id: str
+
+    @property
+    def shard(self) -> int:
+        return owner(self.item_id, self.generation.shards)
 
 
 def grouped(items: list, key) -> list[list[int]]:
@@ -84,78 +106,38 @@ class Encoder:
 
 
 @serve.deployment
-class IndexShard:
-    """Exact top-k over one contiguous slice of the codes, per index generation.
-
-    Slices are loaded on first use (a restarted replica recovers by itself)
-    and kept until the ingress retires them after a reload.
-    """
-
-    def __init__(self, tie_margin: int, threads: int) -> None:
-        # faiss's OpenMP threads spin while they wait: more than the replica's
-        # CPUs makes every search slower on a busy node.
-        faiss.omp_set_num_threads(threads)
-        self._tie_margin = tie_margin
-        self._indexes: dict[ShardSlice, asyncio.Future[ShardIndex]] = {}
-
-    async def load(self, part: ShardSlice) -> int:
-        """Load ``part`` (once) and return its number of codes."""
-        return len(await self._index(part))
-
-    async def search(self, part: ShardSlice, queries: np.ndarray, k: int, radius: int | None) -> list[Hits]:
-        return (await self._index(part)).search(queries, k, radius)
-
-    def retire(self, keep: ShardSlice) -> None:
-        """Drop every loaded slice but ``keep``."""
-        for part in [p for p in self._indexes if p != keep]:
-            del self._indexes[part]
-
-    async def _index(self, part: ShardSlice) -> ShardIndex:
-        future = self._indexes.get(part)
-        if future is None:
-            # Read in a thread: searches of the current generation keep running meanwhile.
-            future = self._indexes[part] = asyncio.ensure_future(asyncio.to_thread(self._read, part))
-        try:
-            return await future
-        except BaseException:
-            if self._indexes.get(part) is future:
-                del self._indexes[part]  # let the next request try again
-            raise
-
-    def _read(self, part: ShardSlice) -> ShardIndex:
-        table = part.codes.read(start=part.start, stop=part.stop)
-        logger.info(
-            "loaded codes [%d, %d) of %s (generation %d)", part.start, part.stop, part.codes.uri, part.generation
-        )
-        return ShardIndex.from_table(table, start=part.start, tie_margin=self._tie_margin)
-
-
-@serve.deployment
 @serve.ingress()
 class Ingress:
-    """The HTTP API's state: scatters each query to every shard and merges exactly.
+    """The HTTP API: scatters each query to every shard and merges exactly.
 
-    One replica: it holds the current index generation, so a reload swaps it
-    in one step for every later request.
+    Any number of replicas: each follows the catalog's current generation
+    (:meth:`follow`, a long poll) and pins it per request, so a reload reaches
+    every replica before its answer is sent and no answer mixes generations.
     """
 
-    async def __init__(self, encoder: DeploymentHandle, shards: list[DeploymentHandle], inputs: ServeInputs) -> None:
+    async def __init__(
+        self, encoder: DeploymentHandle, shards: list[DeploymentHandle], catalog: DeploymentHandle, inputs: ServeInputs
+    ) -> None:
         self.cfg = inputs.cfg
         self.run = inputs.run
         # By value over Serve's gRPC channel: a search is a few small arrays,
         # and this skips the object store round trip of every actor call.
         self.encoder = encoder.options(_by_reference=False)
         self.shards = [shard.options(_by_reference=False) for shard in shards]
+        self.catalog = catalog
+        self.replica = uuid.uuid4().hex[:12]
         self.bits = inputs.run.config.bits
         self.transform = eval_transform(inputs.run.config.image_size)
         self.classes = inputs.data.classes
         self.images = await asyncio.to_thread(ImageStore, inputs.data, cache_row_groups=self.cfg.image_cache_row_groups)
         self.page = importlib.resources.files("serve").joinpath("page.html").read_text(encoding="utf-8")
-        self.search_code.set_max_batch_size(self.cfg.search_batch_size)
-        self.search_code.set_batch_wait_timeout_s(self.cfg.search_batch_wait_s)
+        for batched in (self.search_code, self.lookup):
+            batched.set_max_batch_size(self.cfg.search_batch_size)
+            batched.set_batch_wait_timeout_s(self.cfg.search_batch_wait_s)
         self.generations = Generations()
         self._sample: tuple[int, pa.Table] | None = None  # (generation, rows) of the last sample read
-        await self.serve_codes(inputs.codes)
+        self.generations.adopt(await self.catalog.current.remote())
+        self._follower = asyncio.ensure_future(self.follow())
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return create_api(self)
@@ -165,59 +147,95 @@ class Ingress:
         """The generation later requests get."""
         return self.generations.current
 
-    async def reload(self, uri: str) -> Generation:
-        """Open the codes dir at ``uri`` (its manifest read once, here) and serve it."""
-        return await self.serve_codes(await asyncio.to_thread(CodesDir.open, uri))
+    async def follow(self) -> None:
+        """Adopt every generation the catalog makes current, and tell it when older ones are drained here."""
+        while True:
+            try:
+                latest = await self.catalog.watch.remote(
+                    self.replica, self.generation, self.generations.oldest_in_use(), WATCH_S
+                )
+            except Exception as error:  # the catalog is restarting: keep serving what is current here
+                logger.warning("the catalog did not answer (%s); retrying", error)
+                await asyncio.sleep(WATCH_S / 4)
+                continue
+            if self.generations.adopt(latest):
+                asyncio.ensure_future(self._report_drained(latest))
 
-    async def serve_codes(self, codes: CodesDir) -> Generation:
-        """Load ``codes`` on every shard (and its code book here), then swap it in for all later requests.
+    async def _report_drained(self, generation: Generation) -> None:
+        await self.generations.drained(generation.number)
+        if self.generation.number == generation.number:
+            await self.catalog.report.remote(self.replica, generation, self.generations.oldest_in_use())
 
-        Requests that started on the previous generation finish on it; it is
-        dropped once none is left. A codes dir that fails to load leaves the
-        current one serving.
-        """
-        check_codes_fit(codes, self.run)
-        generation = await self.generations.swap(lambda number: self._load(codes, number), self._retire_all_but)
-        logger.info("serving %d codes from %s (generation %d)", codes.count, codes.uri, generation.number)
+    async def reload(self, uri: str | None) -> Generation:
+        """Serve the codes dir at ``uri`` everywhere (the catalog loads it on every shard); current here on return."""
+        try:
+            generation = await self.catalog.reload.remote(uri)
+        except Exception as error:
+            raise (find_cause(error) or error) from None
+        self.generations.adopt(generation)
         return generation
 
-    async def _load(self, codes: CodesDir, number: int) -> Generation:
-        slices = tuple(ShardSlice(number, codes, a, b) for a, b in slice_bounds(codes.count, len(self.shards)))
-        codebook, _ = await asyncio.gather(asyncio.to_thread(read_codebook, codes), self.scatter(slices, "load"))
-        return Generation(number, codes, slices, codebook)
+    async def on_current(self, request):
+        """``await request(generation)`` on a pinned generation; run again whole if a shard had dropped it."""
+        for attempt in range(RETRIES):
+            with self.generations.pinned() as generation:
+                try:
+                    return await request(generation)
+                except GenerationRetired:
+                    logger.info("generation %d was retired mid-request (try %d)", generation.number, attempt + 1)
+        raise BackendUnavailable(f"the index changed {RETRIES} times during one request")
 
-    async def _retire_all_but(self, generation: Generation) -> None:
-        await self.scatter(generation.slices, "retire")
-
-    async def scatter(
-        self, slices: tuple[ShardSlice, ...], method: str, *args: Any, timeout_s: float | None = None
-    ) -> list[Any]:
-        """Call ``method(slice, *args)`` on every shard at once; answers in shard order.
+    async def scatter(self, generation: Generation, method: str, *args: Any, timeout_s: float | None = None) -> list:
+        """Call ``method(part, *args)`` on every shard at once; answers in shard order.
 
         With ``timeout_s``, a shard that has not answered by then (its replica is
         gone and Serve has not restarted it yet) raises :class:`BackendUnavailable`
         for the whole call: no partial merge of the shards that did answer.
         """
         calls = asyncio.gather(
-            *(getattr(shard, method).remote(part, *args) for shard, part in zip(self.shards, slices))
+            *(getattr(shard, method).remote(part, *args) for shard, part in zip(self.shards, generation.parts))
         )
         try:
-            return await asyncio.wait_for(calls, timeout_s)
+            answers = await asyncio.wait_for(calls, timeout_s)
         except TimeoutError:
             raise BackendUnavailable(f"a shard did not answer {method} within {timeout_s} s") from None
+        if any(answer is None for answer in answers):
+            raise GenerationRetired(generation.number)
+        return answers
 
     async def search(self, code: np.ndarray, k: int, radius: int | None) -> Hits:
         """Exact top-k of one packed code, on the generation current when it starts."""
-        with self.generations.pinned() as generation:
-            return await self.search_code(CodeQuery(generation, code, k, radius))
+        return await self.on_current(lambda generation: self.search_code(CodeQuery(generation, code, k, radius)))
 
     async def search_item(self, item_id: str, k: int, radius: int | None) -> Hits | None:
         """Exact top-k of an indexed item's own code; None when no indexed item has ``item_id``."""
-        with self.generations.pinned() as generation:
-            code = generation.codebook.code_of(item_id)
-            if code is None:
-                return None
-            return await self.search_code(CodeQuery(generation, code, k, radius))
+
+        async def request(generation: Generation) -> Hits | None:
+            code = await self.lookup(IdQuery(generation, item_id))
+            return None if code is None else await self.search_code(CodeQuery(generation, code, k, radius))
+
+        return await self.on_current(request)
+
+    @serve.batch(max_concurrent_batches=SEARCH_BATCHES_IN_FLIGHT)
+    async def lookup(self, queries: list[IdQuery]) -> list[np.ndarray | None]:
+        """Codes of concurrent ids: one call to each owning shard per generation."""
+        results: list[np.ndarray | None] = [None] * len(queries)
+
+        async def run_group(rows: list[int]) -> None:
+            first = queries[rows[0]]
+            shard = self.shards[first.shard]
+            call = shard.lookup.remote(first.generation.parts[first.shard], [queries[row].item_id for row in rows])
+            try:
+                codes = await asyncio.wait_for(call, self.cfg.search_timeout_s)
+            except TimeoutError:
+                raise BackendUnavailable(f"shard {first.shard} did not answer within {self.cfg.search_timeout_s} s")
+            if codes is None:
+                raise GenerationRetired(first.generation.number)
+            for row, code in zip(rows, codes):
+                results[row] = None if code is None else np.frombuffer(code, dtype=np.uint8)
+
+        await asyncio.gather(*(run_group(rows) for rows in grouped(queries, lambda q: (q.generation.number, q.shard))))
+        return results
 
     @serve.batch(max_concurrent_batches=SEARCH_BATCHES_IN_FLIGHT)
     async def search_code(self, queries: list[CodeQuery]) -> list[Hits]:
@@ -233,7 +251,7 @@ class Ingress:
             codes = np.stack([queries[row].code for row in rows])
             k = max(queries[row].k for row in rows)
             per_shard = await self.scatter(
-                first.generation.slices, "search", codes, k, first.radius, timeout_s=self.cfg.search_timeout_s
+                first.generation, "search", codes, k, first.radius, timeout_s=self.cfg.search_timeout_s
             )
             for column, row in enumerate(rows):
                 results[row] = merge_hits([hits[column] for hits in per_shard], queries[row].k)
@@ -277,14 +295,22 @@ class Ingress:
         ]
 
     async def health(self) -> dict[str, Any]:
-        with self.generations.pinned() as generation:
-            counts = await self.scatter(generation.slices, "load", timeout_s=self.cfg.search_timeout_s)
+        """Readiness, the generation, and each process's resident memory (this replica's and every shard's)."""
+
+        async def request(generation: Generation) -> tuple[Generation, list[dict[str, int]]]:
+            return generation, await self.scatter(generation, "status", timeout_s=self.cfg.search_timeout_s)
+
+        generation, shards = await self.on_current(request)
         return {
             "status": "ok",
-            "codes": int(sum(counts)),
+            "codes": sum(shard["rows"] for shard in shards),
             "bits": self.bits,
             "shards": len(self.shards),
             "generation": generation.number,
+            "shard_rows": [shard["rows"] for shard in shards],
+            "shard_rss_bytes": [shard["rss_bytes"] for shard in shards],
+            "ingress_replica": self.replica,
+            "ingress_rss_bytes": rss_bytes(),
         }
 
 
@@ -294,10 +320,11 @@ def spread(count: int, n: int) -> np.ndarray:
 
 
 def read_sample(codes: CodesDir, n: int) -> pa.Table:
-    """Ids and labels of ``n`` rows of ``codes`` spread evenly (:func:`spread`)."""
-    return codes.read(columns=("id", "labels")).take(spread(codes.count, n))
-
-
-def read_codebook(codes: CodesDir) -> CodeBook:
-    """The code book of a whole codes dir (read in the ingress, beside the shards' slices): two columns only."""
-    return CodeBook.from_table(codes.read(columns=("id", "code")))
+    """Ids and labels of ``n`` rows of ``codes`` spread evenly (:func:`spread`), one row group in memory at a time."""
+    wanted = spread(codes.count, n)
+    pieces = []
+    for start, table in codes.row_groups(columns=("id", "labels")):
+        rows = wanted[(wanted >= start) & (wanted < start + table.num_rows)] - start
+        if len(rows):
+            pieces.append(table.take(pa.array(rows, pa.int64())))
+    return pa.concat_tables(pieces) if pieces else codes.read(columns=("id", "labels"), stop=0)

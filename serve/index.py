@@ -1,7 +1,10 @@
-"""Exact Hamming search over a contiguous slice of the database: the shard logic.
+"""Exact Hamming search and id lookup over one shard's rows of the database: the shard logic.
 
-Plain numpy/faiss/pyarrow, no Ray, so the Serve shard deployment, the tests and
-the benchmark run the same code. Results follow the ranking rule of
+A shard holds the rows whose id hashes to it (:func:`contracts.ids.owners`),
+each once: code (in faiss), id, labels and global database position, sorted
+by id so that finding an id's code is a binary search over the shard's own
+ids. Plain numpy/faiss/pyarrow, no Ray, so the Serve shard deployment, the
+tests and the benchmark run the same code. Results follow the ranking rule of
 ``models.codes.topk_by_hamming`` -- smaller distance first, then smaller global
 database position -- and stay exact when merged across shards because every
 shard returns its own exact top-k under that order.
@@ -18,7 +21,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from contracts.codes import codes_matrix
+from contracts.codes import CodesDir, codes_matrix
+from contracts.ids import owners
 from models.codes import check_bits
 from models.errors import HashrayError
 
@@ -67,11 +71,21 @@ def merge_hits(parts: Sequence[Hits], k: int) -> Hits:
 
 
 def slice_bounds(count: int, shards: int) -> list[tuple[int, int]]:
-    """``shards`` contiguous [start, stop) slices of ``count`` rows, sizes within one of each other."""
-    if shards < 1:
-        raise HashrayError(f"--shards must be at least 1, got {shards}")
+    """``shards`` contiguous [start, stop) slices of ``count`` rows, sizes within one of each other.
+
+    Splits work into even runs (Parquet files of a test set, benchmark shards);
+    the serving shards partition by id hash instead (:func:`partition`).
+    """
+    check_shards(shards)
     edges = [count * i // shards for i in range(shards + 1)]
     return list(zip(edges[:-1], edges[1:]))
+
+
+def check_shards(shards: int) -> int:
+    """``shards`` when it is a usable shard count (one line naming the flag otherwise)."""
+    if shards < 1:
+        raise HashrayError(f"--shards must be at least 1, got {shards}")
+    return shards
 
 
 def combined(column: pa.Array | pa.ChunkedArray | None) -> pa.Array | None:
@@ -79,11 +93,17 @@ def combined(column: pa.Array | pa.ChunkedArray | None) -> pa.Array | None:
     return column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
 
 
+def find_sorted(ids: pa.Array, item_id: str) -> int | None:
+    """The first row of ``item_id`` in ``ids`` sorted ascending (binary search), or None."""
+    at = bisect.bisect_left(ids, item_id, key=lambda scalar: scalar.as_py())
+    return at if at < len(ids) and ids[at].as_py() == item_id else None
+
+
 class IdIndex:
-    """Row of an id by binary search over the ids sorted once.
+    """Row of an id in ids of any order: a binary search over them sorted once.
 
     Keeps the ids in Arrow storage (a few bytes each) instead of a dict of
-    Python strings, so a code book of millions of ids stays small.
+    Python strings. A shard needs none: its rows are already sorted by id.
     """
 
     def __init__(self, ids: pa.Array | pa.ChunkedArray) -> None:
@@ -93,46 +113,38 @@ class IdIndex:
 
     def find(self, item_id: str) -> int | None:
         """The row of ``item_id`` (its first row if repeated), or None."""
-        at = bisect.bisect_left(self._sorted, item_id, key=lambda scalar: scalar.as_py())
-        if at < len(self._sorted) and self._sorted[at].as_py() == item_id:
-            return int(self._order[at])
-        return None
+        at = find_sorted(self._sorted, item_id)
+        return None if at is None else int(self._order[at])
 
 
-class CodeBook:
-    """The packed code of every indexed id: a query by id needs it before any shard is asked.
+def partition(table: pa.Table, *, start: int, shard: int, shards: int) -> pa.Table:
+    """The rows of ``table`` (database rows from ``start`` on) that ``shard`` of ``shards`` owns.
 
-    The ingress keeps one for the whole database (an id and bits/8 bytes a
-    row), so ``GET /search/{id}`` costs one call per shard instead of two.
+    Adds their global database position as column ``position`` (int64).
     """
+    mine = np.flatnonzero(owners(table.column("id"), check_shards(shards)) == shard)
+    picked = table.take(pa.array(mine, pa.int64()))
+    return picked.append_column("position", pa.array(mine + start, pa.int64()))
 
-    def __init__(self, ids: pa.Array | pa.ChunkedArray, codes: np.ndarray) -> None:
-        if len(ids) != len(codes):
-            raise HashrayError(f"{len(ids)} ids but {len(codes)} codes")
-        self._ids = IdIndex(ids)
-        self._codes = np.ascontiguousarray(codes, dtype=np.uint8)
 
-    @classmethod
-    def from_table(cls, table: pa.Table) -> CodeBook:
-        """A code book over a codes table (columns id, code)."""
-        return cls(table.column("id"), codes_matrix(table))
-
-    def __len__(self) -> int:
-        return len(self._codes)
-
-    def code_of(self, item_id: str) -> np.ndarray | None:
-        """The packed code of ``item_id``, or None when no row has that id."""
-        row = self._ids.find(item_id)
-        return None if row is None else self._codes[row]
+def read_partition(codes: CodesDir, *, shard: int, shards: int) -> pa.Table:
+    """``shard``'s rows of a codes dir, read one row group at a time, so memory stays near one share."""
+    parts = [partition(table, start=start, shard=shard, shards=shards) for start, table in codes.row_groups()]
+    if parts:
+        return pa.concat_tables(parts)
+    return partition(codes.read(start=0, stop=0), start=0, shard=shard, shards=shards)
 
 
 class ShardIndex:
-    """Exact top-k and radius search over rows [start, start + n) of the database.
+    """Exact top-k and radius search, and code by id, over some rows of the database.
 
     Args:
-        codes: packed codes (n, bits/8) uint8 of this slice.
-        start: global database position of the slice's first row.
-        ids, labels: the slice's ``id`` and ``labels`` columns, to describe hits.
+        codes: packed codes (n, bits/8) uint8 of these rows (kept only inside faiss).
+        start: global database position of the first row when ``positions`` is not given
+            (the rows are then a contiguous run).
+        positions: global database position of each row (int64).
+        ids, labels: the rows' ``id`` and ``labels`` columns, to describe hits.
+        ids_sorted: whether ``ids`` is sorted ascending, which :meth:`code_of` needs.
         tie_margin: extra neighbours asked of faiss to settle ties at the k-th distance.
     """
 
@@ -141,14 +153,22 @@ class ShardIndex:
         codes: np.ndarray,
         *,
         start: int = 0,
+        positions: np.ndarray | None = None,
         ids: pa.Array | pa.ChunkedArray | None = None,
         labels: pa.Array | pa.ChunkedArray | None = None,
+        ids_sorted: bool = False,
         tie_margin: int = DEFAULT_TIE_MARGIN,
     ) -> None:
         codes = np.ascontiguousarray(codes, dtype=np.uint8)
         self.bits = check_bits(codes.shape[1] * 8)
-        self.start = start
         self.tie_margin = tie_margin
+        self._positions = (
+            np.arange(start, start + len(codes), dtype=np.int64)
+            if positions is None
+            else np.ascontiguousarray(positions, dtype=np.int64)
+        )
+        if len(self._positions) != len(codes):
+            raise HashrayError(f"{len(codes)} codes but {len(self._positions)} positions")
         self._index = faiss.IndexBinaryFlat(self.bits)
         # faiss's counting-sort top-k instead of its heap: exact all the same,
         # and 20-25% faster per query over a million 64-bit codes on one thread.
@@ -158,23 +178,48 @@ class ShardIndex:
         # call at a million rows, more than the search itself.
         self._ids = combined(ids)
         self._labels = combined(labels)
+        self._ids_sorted = ids_sorted
 
     @classmethod
-    def from_table(cls, table: pa.Table, *, start: int, tie_margin: int = DEFAULT_TIE_MARGIN) -> ShardIndex:
-        """A shard over a codes table slice (columns id, code, labels)."""
+    def from_partition(cls, table: pa.Table, *, tie_margin: int = DEFAULT_TIE_MARGIN) -> ShardIndex:
+        """A shard over rows of a codes table with their ``position`` column (:func:`partition`), sorted by id here."""
+        table = table.take(pc.sort_indices(table, sort_keys=[("id", "ascending")]))
         return cls(
             codes_matrix(table),
-            start=start,
+            positions=table.column("position").to_numpy(),
             ids=table.column("id"),
             labels=table.column("labels"),
+            ids_sorted=True,
             tie_margin=tie_margin,
         )
 
     def __len__(self) -> int:
         return int(self._index.ntotal)
 
+    def code_of(self, item_id: str) -> np.ndarray | None:
+        """The packed code of ``item_id`` (read back from faiss, the one copy), or None when no row has it."""
+        if self._ids is None or not self._ids_sorted:
+            raise HashrayError("this shard was built without ids sorted for lookup")
+        row = find_sorted(self._ids, item_id)
+        return None if row is None else self._index.reconstruct(row)
+
     def topk(self, queries: np.ndarray, k: int, radius: int | None = None) -> list[Hits]:
         """Exact top-k per query; with ``radius``, only items at distance <= radius."""
+        return [Hits(distances, self._positions[local]) for distances, local in self._ranked(queries, k, radius)]
+
+    def search(self, queries: np.ndarray, k: int, radius: int | None = None) -> list[Hits]:
+        """:meth:`topk` with each hit's id and labels attached."""
+        if self._ids is None or self._labels is None:
+            raise HashrayError("this shard was built without ids and labels")
+        results = []
+        for distances, local in self._ranked(queries, k, radius):
+            rows = pa.array(local, type=pa.int64())
+            ids, labels = self._ids.take(rows).to_pylist(), self._labels.take(rows).to_pylist()
+            results.append(Hits(distances, self._positions[local], ids, labels))
+        return results
+
+    def _ranked(self, queries: np.ndarray, k: int, radius: int | None) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(distances, local rows) of each query's exact top-k, in the global ranking order."""
         queries = self._check_queries(queries)
         n = len(self)
         if radius is not None or n == 0:
@@ -188,28 +233,21 @@ class ShardIndex:
                 # Items tied with the k-th may lie beyond what faiss returned.
                 results.append(self._within(query, int(kth), k))
             else:
-                results.append(rank(distances[row], local[row] + self.start, k))
+                results.append(self._rank(distances[row], local[row], k))
         return results
 
-    def search(self, queries: np.ndarray, k: int, radius: int | None = None) -> list[Hits]:
-        """:meth:`topk` with each hit's id and labels attached."""
-        return [self.describe(hits) for hits in self.topk(queries, k, radius)]
+    def _rank(self, distances: np.ndarray, local: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The first ``k`` local rows by (distance, global position)."""
+        local = np.asarray(local, dtype=np.int64)
+        order = np.lexsort((self._positions[local], distances))[:k]
+        return np.asarray(distances, dtype=np.int32)[order], local[order]
 
-    def describe(self, hits: Hits) -> Hits:
-        """Attach the ids and class indices of the hits' rows."""
-        if self._ids is None or self._labels is None:
-            raise HashrayError("this shard was built without ids and labels")
-        local = pa.array(hits.positions - self.start, type=pa.int64())
-        return Hits(
-            hits.distances, hits.positions, self._ids.take(local).to_pylist(), self._labels.take(local).to_pylist()
-        )
-
-    def _within(self, query: np.ndarray, radius: int, k: int) -> Hits:
+    def _within(self, query: np.ndarray, radius: int, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Every item at distance <= radius, ranked, first k (faiss's radius is exclusive)."""
         if len(self) == 0:
-            return rank(np.zeros(0), np.zeros(0), k)
+            return np.zeros(0, dtype=np.int32), np.zeros(0, dtype=np.int64)
         _, distances, local = self._index.range_search(query[None, :], radius + 1)
-        return rank(distances, local + self.start, k)
+        return self._rank(distances, local, k)
 
     def _check_queries(self, queries: np.ndarray) -> np.ndarray:
         queries = np.ascontiguousarray(queries, dtype=np.uint8)

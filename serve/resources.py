@@ -21,6 +21,9 @@ from serve.config import ServeConfig
 
 # CPUs a replica asks when its flag is unset and the node has room.
 DEFAULT_CPUS = {"encoder_cpus": 1.0, "shard_cpus": 0.5, "ingress_cpus": 0.5}
+# The catalog asks none: it idles in its followers' long polls and runs a rare
+# reload, and a reservation of its own would take CPU from the replicas that search.
+CATALOG_CPUS = 0.0
 # Requests are cut to hundredths of a CPU (Ray's own granularity is 1e-4).
 STEP = 0.01
 
@@ -36,9 +39,13 @@ class Ask:
 
 
 def cpu_fields(cfg: ServeConfig) -> list[tuple[str, str, int]]:
-    """(config field, deployment, replicas that must start) of every CPU request."""
+    """(config field, deployment, replicas that must start) of every CPU request (each ingress replica counts)."""
     shards = [("shard_cpus", f"IndexShard{i}", 1) for i in range(cfg.shards)]
-    return [("encoder_cpus", "Encoder", cfg.encoder_min_replicas), *shards, ("ingress_cpus", "Ingress", 1)]
+    return [
+        ("encoder_cpus", "Encoder", cfg.encoder_min_replicas),
+        *shards,
+        ("ingress_cpus", "Ingress", cfg.ingress_min_replicas),
+    ]
 
 
 def cpus(cfg: ServeConfig, field: str) -> float:

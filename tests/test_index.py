@@ -1,4 +1,4 @@
-"""The shard index: exact top-k and radius search, exact merge across shards."""
+"""The shard index: hash partitions, id lookup, exact top-k and radius search, exact merge across shards."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from contracts.codes import CodesDir, codes_table, write_manifest
+from contracts.ids import owners
 from models.codes import hamming_distances, topk_by_hamming
 from models.errors import HashrayError
-from serve.index import CodeBook, IdIndex, ShardIndex, merge_hits, search_shards, slice_bounds
+from serve.index import IdIndex, ShardIndex, merge_hits, partition, read_partition, search_shards, slice_bounds
 
 
 def tied_codes(rng: np.random.Generator, n: int, bytes_per_code: int, pool: int) -> np.ndarray:
@@ -18,8 +19,19 @@ def tied_codes(rng: np.random.Generator, n: int, bytes_per_code: int, pool: int)
     return rng.integers(0, 256, size=(pool, bytes_per_code), dtype=np.uint8)[rng.integers(0, pool, size=n)]
 
 
+def database(codes: np.ndarray) -> pa.Table:
+    """A codes table over ``codes`` with ids in no particular order and labels."""
+    labels = pa.array([[i % 3] for i in range(len(codes))], type=pa.list_(pa.int32()))
+    return codes_table([f"id-{(i * 7919) % 10007:05d}" for i in range(len(codes))], codes, labels)
+
+
 def make_shards(codes: np.ndarray, count: int, tie_margin: int) -> list[ShardIndex]:
-    return [ShardIndex(codes[a:b], start=a, tie_margin=tie_margin) for a, b in slice_bounds(len(codes), count)]
+    """The serving layout: each shard holds the rows whose id hashes to it, sorted by id."""
+    table = database(codes)
+    return [
+        ShardIndex.from_partition(partition(table, start=0, shard=i, shards=count), tie_margin=tie_margin)
+        for i in range(count)
+    ]
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -63,6 +75,7 @@ def test_merge_keeps_ids_and_labels_with_their_positions() -> None:
     ids = pa.array(["a", "b", "c", "d", "e"])
     labels = pa.array([[0], [1], [2], [0, 1], [3]], type=pa.list_(pa.int32()))
     shards = [ShardIndex(codes[a:b], start=a, ids=ids[a:b], labels=labels[a:b]) for a, b in slice_bounds(len(codes), 2)]
+    shards.append(ShardIndex(codes[:0], positions=np.zeros(0, np.int64), ids=ids[:0], labels=labels[:0]))  # empty
     query = np.zeros((1, 1), dtype=np.uint8)
     merged = merge_hits([shard.search(query, 3)[0] for shard in shards], 3)
     assert merged.ids == ["a", "d", "b"]  # distance 0, 0 (by position), then 1
@@ -71,17 +84,51 @@ def test_merge_keeps_ids_and_labels_with_their_positions() -> None:
     assert merged.positions.tolist() == [0, 3, 1]
 
 
-def test_code_book_finds_every_id_and_only_those() -> None:
-    codes = np.arange(12, dtype=np.uint8).reshape(6, 2)
-    ids = pa.chunked_array([[f"item-{i}" for i in (5, 1, 3)], [f"item-{i}" for i in (0, 4, 2)]])
-    book = CodeBook(ids, codes)
-    assert len(book) == 6
-    for row, item_id in enumerate(ids.to_pylist()):
-        np.testing.assert_array_equal(book.code_of(item_id), codes[row])
-    assert book.code_of("item-6") is None
-    assert book.code_of("nope") is None
-    with pytest.raises(HashrayError, match="5 ids but 6 codes"):
-        CodeBook(pa.array(["a"] * 5), codes)
+@pytest.mark.parametrize("shard_count", [1, 2, 3])
+def test_search_by_id_through_the_owning_shard_is_brute_force_for_every_id(shard_count: int) -> None:
+    """What ``GET /search/{id}`` does: the owner's code, then every shard, merged; ties everywhere."""
+    rng = np.random.default_rng(shard_count)
+    codes = tied_codes(rng, n=150, bytes_per_code=2, pool=6)  # ~25 duplicates of each code
+    table = database(codes)
+    ids = table.column("id").to_pylist()
+    shards = make_shards(codes, shard_count, tie_margin=2)
+    owner_of = owners(table.column("id"), shard_count)
+    distances = hamming_distances(codes, codes)
+    for row, item_id in enumerate(ids):
+        found = [shard.code_of(item_id) for shard in shards]
+        assert [i for i, code in enumerate(found) if code is not None] == [owner_of[row]]
+        code = found[owner_of[row]]
+        np.testing.assert_array_equal(code, codes[row])
+        for k in (1, 30):
+            (hits,) = search_shards(shards, code[None, :], k)
+            np.testing.assert_array_equal(hits.positions, topk_by_hamming(distances[row], k))
+            (described,) = [merge_hits([s.search(code[None, :], k)[0] for s in shards], k)]
+            assert described.ids == [ids[p] for p in hits.positions]
+    assert all(shard.code_of("no-such-id") is None for shard in shards)
+
+
+def test_every_row_is_in_exactly_its_hash_partition(tmp_path) -> None:
+    codes = np.random.default_rng(3).integers(0, 256, size=(301, 2), dtype=np.uint8)
+    table = write_codes_dir(tmp_path / "codes", codes, files=3, row_group_size=40)
+    codes_dir = CodesDir.open(str(tmp_path / "codes"))
+    for shards in (1, 2, 3):
+        owner_of = owners(table.column("id"), shards)
+        seen = []
+        for shard in range(shards):
+            part = read_partition(codes_dir, shard=shard, shards=shards)
+            positions = part.column("position").to_numpy()
+            np.testing.assert_array_equal(positions, np.flatnonzero(owner_of == shard))
+            assert part.drop_columns(["position"]).equals(table.take(pa.array(positions)))
+            seen.extend(positions.tolist())
+        assert sorted(seen) == list(range(len(codes)))  # every row once, in one shard
+
+
+def test_row_groups_stream_the_dir_in_read_order(tmp_path) -> None:
+    codes = np.random.default_rng(4).integers(0, 256, size=(95, 2), dtype=np.uint8)
+    table = write_codes_dir(tmp_path / "codes", codes, files=2, row_group_size=20)
+    groups = list(CodesDir.open(str(tmp_path / "codes")).row_groups(columns=("id", "code")))
+    assert [start for start, _ in groups] == [0, 20, 40, 47, 67, 87]
+    assert pa.concat_tables([g for _, g in groups]).equals(table.select(["id", "code"]))
 
 
 def test_shard_rejects_queries_of_the_wrong_width() -> None:
@@ -110,13 +157,13 @@ def test_slice_bounds_cover_every_row_once() -> None:
         slice_bounds(10, 0)
 
 
-def write_codes_dir(path, codes: np.ndarray, files: int) -> pa.Table:
+def write_codes_dir(path, codes: np.ndarray, files: int, row_group_size: int | None = None) -> pa.Table:
     """A codes dir split over ``files`` Parquet files (rows in file order)."""
     labels = pa.array([[i % 3] for i in range(len(codes))], type=pa.list_(pa.int32()))
     table = codes_table([f"id-{i:04d}" for i in range(len(codes))], codes, labels)
     path.mkdir(parents=True, exist_ok=True)
     for part, (a, b) in enumerate(slice_bounds(len(codes), files)):
-        pq.write_table(table.slice(a, b - a), path / f"part-{part:03d}.parquet")
+        pq.write_table(table.slice(a, b - a), path / f"part-{part:03d}.parquet", row_group_size=row_group_size)
     write_manifest(str(path), bits=codes.shape[1] * 8, count=len(codes), model="m", dataset="d", split="database")
     return table
 
@@ -141,12 +188,3 @@ def test_a_shard_slice_read_rejects_incomplete_dirs(tmp_path) -> None:
         CodesDir.open(str(tmp_path / "codes")).read(start=0, stop=5)
     with pytest.raises(HashrayError, match="manifest.json"):
         CodesDir.open(str(tmp_path / "missing")).read(start=0, stop=1)
-
-
-def test_code_book_from_the_id_and_code_columns_of_a_codes_dir(tmp_path) -> None:
-    codes = np.random.default_rng(1).integers(0, 256, size=(17, 2), dtype=np.uint8)
-    table = write_codes_dir(tmp_path / "codes", codes, files=3)
-    book = CodeBook.from_table(CodesDir.open(str(tmp_path / "codes")).read(columns=("id", "code")))
-    assert len(book) == len(codes)
-    for row, item_id in enumerate(table.column("id").to_pylist()):
-        np.testing.assert_array_equal(book.code_of(item_id), codes[row])
