@@ -1,4 +1,4 @@
-"""The Serve app end to end on the tiny synthetic set: every endpoint, bad input, reload."""
+"""The Serve app end to end on the tiny synthetic set, two ingress replicas: every endpoint, bad input, reloads."""
 
 from __future__ import annotations
 
@@ -13,11 +13,13 @@ from dataclasses import dataclass
 
 import httpx
 import numpy as np
+import pyarrow as pa
 import pytest
 import serve_support as support
 import yaml
 from PIL import Image
 
+from contracts.ids import owners
 from models.errors import HashrayError
 from serve.app import app_builder
 from serve.config import ServeConfig
@@ -48,6 +50,9 @@ def served(tiny_dataset, tmp_path_factory) -> Served:
         codes=base.codes_dir,
         data=tiny_dataset,
         shards=3,
+        ingress_min_replicas=2,
+        ingress_max_replicas=2,
+        ingress_target_ongoing_requests=16,
         port=support.free_port(),
         tie_margin=2,
         encoder_cpus=0.1,
@@ -71,11 +76,31 @@ def post(served: Served, path: str, **kwargs) -> httpx.Response:
     return httpx.post(served.url + path, timeout=30, **kwargs)
 
 
-def test_healthz_counts_the_codes(served: Served) -> None:
+def test_healthz_counts_the_codes_and_reports_each_process(served: Served) -> None:
     response = get(served, "/healthz")
     assert response.status_code == 200
-    assert response.json()["codes"] == len(served.ids)
-    assert response.json()["bits"] == support.BITS
+    body = response.json()
+    assert body["codes"] == len(served.ids) == sum(body["shard_rows"])
+    assert body["bits"] == support.BITS
+    owned = np.bincount(owners(pa.array(served.ids), 3), minlength=3)
+    assert body["shard_rows"] == owned.tolist()  # each shard holds its hash partition, nothing more
+    assert len(body["shard_rss_bytes"]) == 3 and min(body["shard_rss_bytes"]) > 10_000_000
+    assert body["ingress_rss_bytes"] > 10_000_000
+
+
+def test_two_ingress_replicas_run_with_the_autoscaling_config(served: Served) -> None:
+    from ray import serve
+    from ray.serve.context import _get_global_client
+
+    info, _ = _get_global_client().get_deployment_info("Ingress", "hashray-test")
+    autoscaling = info.deployment_config.autoscaling_config
+    assert (autoscaling.min_replicas, autoscaling.max_replicas) == (2, 2)
+    assert autoscaling.target_ongoing_requests == 16
+    ingress = serve.status().applications["hashray-test"].deployments["Ingress"]
+    assert ingress.replica_states.get("RUNNING") == 2
+    with httpx.Client(base_url=served.url, timeout=30) as client:  # both answer; each says which it is
+        replicas = {client.get("/healthz").json()["ingress_replica"] for _ in range(40)}
+    assert len(replicas) == 2
 
 
 def test_page_is_served(served: Served) -> None:
@@ -276,6 +301,53 @@ def test_reload_under_concurrent_queries_loses_none(served: Served) -> None:
     assert all(ids in expected[item] for _, item, ids in seen)
     assert {ids for _, _, ids in seen} == set().union(*expected.values())  # both indexes answered
     assert get(served, "/healthz").json()["codes"] == len(served.ids)
+
+
+def test_a_reload_every_second_under_load_loses_nothing(served: Served) -> None:
+    """6 clients for ~8 s over both ingress replicas, a reload each second: every answer exact for one generation."""
+    generations = {
+        served.codes_dir: (served.codes, served.ids),
+        served.other_codes_dir: (served.other_codes, served.other_ids),
+    }
+    items = [served.ids[i] for i in (25, 60, 99)]
+    expected = {
+        (uri, item): tuple(support.expected_ids(codes, ids, served.codes[served.ids.index(item)], 20)[0])
+        for uri, (codes, ids) in generations.items()
+        for item in items
+    }
+    stop, last = threading.Event(), threading.Event()
+
+    def query_loop(item: str) -> list[tuple[int, str, tuple[str, ...], bool]]:
+        seen = []
+        with httpx.Client(base_url=served.url, timeout=30) as client:
+            while not stop.is_set():
+                after_last = last.is_set()
+                response = client.get(f"/search/{item}", params={"k": 20})
+                ids = tuple(r["id"] for r in response.json().get("results", []))
+                seen.append((response.status_code, item, ids, after_last))
+        return seen
+
+    order = [served.other_codes_dir, served.codes_dir] * 4
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        futures = [pool.submit(query_loop, items[i % 3]) for i in range(6)]
+        for uri in order:
+            time.sleep(1.0)
+            response = post(served, "/admin/reload", json={"codes": uri})
+            assert response.status_code == 200, response.text
+        last.set()  # from here on, every request starts after the last reload's answer
+        time.sleep(1.0)
+        stop.set()
+        seen = [answer for future in futures for answer in future.result()]
+    assert len(seen) > 50
+    assert [status for status, *_ in seen if status != 200] == []
+    assert all(
+        ids in (expected[served.codes_dir, item], expected[served.other_codes_dir, item]) for _, item, ids, _ in seen
+    )
+    assert all(ids == expected[order[-1], item] for _, item, ids, after in seen if after)
+    assert {
+        ids for _, item, ids, _ in seen if ids == expected[served.other_codes_dir, item]
+    }  # both generations answered
+    print(f"reload under load: {len(seen)} answers, {len(order)} reloads")
 
 
 def test_reload_with_an_empty_body_rereads_the_current_codes(served: Served) -> None:
