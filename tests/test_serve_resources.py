@@ -63,3 +63,10 @@ def test_progress_line_names_the_replica_that_waits_and_for_what():
         "Ingress: 1 replica waiting for 0.4 CPU (0.2 CPU free); Ingress: 1 replica starting"
     )
     assert resources.waiting({"Ingress": 0}, {}, wanted, {"CPU": 0.0}, 1) is None
+
+
+def test_every_ingress_replica_counts():
+    fitted = resources.fit(config(shards=2, ingress_min_replicas=2, ingress_max_replicas=4), {"CPU": 2.0})
+    assert (fitted.encoder_cpus, fitted.shard_cpus, fitted.ingress_cpus) == (0.66, 0.33, 0.33)  # 0.5 x 2 of 3 CPUs
+    assert total(fitted) <= 2.0
+    assert [a for a in resources.asks(fitted) if a.deployment == "Ingress"][0].replicas == 2
