@@ -203,8 +203,11 @@ def http_benchmark(args: argparse.Namespace, run: str, codes_dir: str, data: str
     return {"loads": loads, "answers": answers, "worst_rss": worst_rss, "fetch": args.k + cfg.tie_margin}
 
 
-def compare(args: argparse.Namespace, codes_dir: str, served: dict) -> None:
-    """With the server gone: faiss alone on the same codes and batches, exactness, ours vs faiss, radius search."""
+def compare(args: argparse.Namespace, codes_dir: str, served: dict) -> tuple[float, int]:
+    """With the server gone: faiss alone on the same codes and batches, exactness, ours vs faiss, radius search.
+
+    Returns (served / faiss alone QPS, served answers that differ from brute force).
+    """
     codes = serve_faiss.read_codes(codes_dir)
     flat = serve_faiss.flat_index(codes)
     queries = codes[np.random.default_rng(args.seed + 1).integers(0, len(codes), size=max(args.index_queries, 64))]
@@ -220,9 +223,10 @@ def compare(args: argparse.Namespace, codes_dir: str, served: dict) -> None:
     for count, value in alone.items():
         which = "the machine's cores" if count == cores else "what the serving shards get in all"
         print(f"  {count} faiss threads ({which}): {value:8.1f} QPS   served / faiss alone {qps / value:5.2f}")
-    ratio = qps / alone[cores]
+    best = max(alone, key=alone.get)  # the stricter comparison: faiss with its better thread count
+    ratio = qps / alone[best]
     print(
-        f"served GET /search/{{id}} QPS / faiss alone QPS ({cores} threads, the machine's cores): {ratio:.2f} "
+        f"served GET /search/{{id}} QPS / faiss alone QPS (the better of the two: {best} threads): {ratio:.2f} "
         f"{verdict(ratio, TARGETS['served_over_faiss_10m'], at_most=False)} (a 10M target)"
     )
     print(f"GET /search/{{id}} p99 / p50: {p99 / p50:.2f} {verdict(p99 / p50, TARGETS['p99_over_p50'])}")
@@ -235,6 +239,7 @@ def compare(args: argparse.Namespace, codes_dir: str, served: dict) -> None:
     del flat
     ours_vs_faiss(args, codes, queries, served["fetch"] - args.k)
     radius_comparison(args, codes)
+    return ratio, len(wrong)
 
 
 def ours_vs_faiss(args: argparse.Namespace, codes: np.ndarray, queries: np.ndarray, tie_margin: int) -> None:
@@ -293,11 +298,11 @@ def main() -> None:
         finally:
             serve.shutdown()
             ray.shutdown()
-        compare(args, str(root / "codes"), served)
-    print_targets(args, served)
+        ratio, wrong = compare(args, str(root / "codes"), served)
+    print_targets(served, ratio, wrong)
 
 
-def print_targets(args: argparse.Namespace, served: dict) -> None:
+def print_targets(served: dict, ratio: float, wrong: int) -> None:
     """The targets beside the figures they apply to, in one block."""
     qps, p50, p99, errors = served["loads"]["GET /search/{id}"]
     total_errors = sum(result[3] for result in served["loads"].values())
@@ -306,6 +311,10 @@ def print_targets(args: argparse.Namespace, served: dict) -> None:
     print(f"  GET /search/{{id}} p50 {p50:.1f} ms {verdict(p50, TARGETS['p50_ms_1m'])} (1M target)")
     print(f"  GET /search/{{id}} p99 {p99:.1f} ms {verdict(p99, TARGETS['p99_ms_1m'])} (1M target)")
     print(f"  GET /search/{{id}} p99 / p50 {p99 / p50:.2f} {verdict(p99 / p50, TARGETS['p99_over_p50'])}")
+    print(
+        f"  served / faiss alone QPS {ratio:.2f} {verdict(ratio, TARGETS['served_over_faiss_10m'], at_most=False)} (10M target)"
+    )
+    print(f"  served answers unlike brute force: {wrong} {verdict(wrong, 0)}")
     print(
         f"  largest shard RSS / its share {served['worst_rss']:.2f} {verdict(served['worst_rss'], TARGETS['rss_over_share'])}"
     )
