@@ -1,11 +1,14 @@
-"""Load test of `hashray serve` on loopback, and the sharded index against one faiss index.
+"""Load test of `hashray serve` on loopback at 10^6-10^8 codes, beside faiss alone on the same codes.
 
-Builds N random codes (default 1,000,000 x 64 bits), an untrained model and a
-small dataset dir, starts the Serve app on 127.0.0.1, and runs C concurrent
-clients for a fixed time against ``GET /search/{id}`` then ``POST /search``,
-printing QPS, p50, p99 and errors. Then it times the in-process search of the
-sharded index (per-shard faiss + exact tie handling + merge) beside a single
-faiss ``IndexBinaryFlat`` over the same codes, one query at a time as served.
+Writes N random codes (default 1,000,000 x 64 bits; :mod:`serve_inputs`), an
+untrained model and a small dataset dir, starts the Serve app on 127.0.0.1
+through ``build_app`` and measures what a user sees: the load time, each
+replica's resident memory, QPS/p50/p99 of C closed-loop clients on
+``GET /search/{id}``, ``POST /search`` and radius queries. Then, with the
+server gone, it searches one faiss ``IndexBinaryFlat`` over the same codes in
+batches of C queries (what the ingress sends each shard), checks served
+answers against it, and times faiss's multi-index hashing against the flat
+scan for radius queries (:mod:`serve_faiss`).
 
     python bench/serve_load.py [--codes 1000000] [--clients 8] [--seconds 15] [--shards 1]
 """
@@ -14,8 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import collections
-import io
+import os
 import random
 import tempfile
 import time
@@ -24,300 +26,298 @@ from pathlib import Path
 
 import faiss
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import ray
-import torch
-from PIL import Image, ImageDraw
+import serve_client as client
+import serve_faiss
+import serve_inputs
 from ray import serve
 
-from contracts.codes import codes_table, write_manifest
-from contracts.dataset import DATASET_SCHEMA, write_dataset_info
-from contracts.fs import now_iso
-from models.network import HashNetConfig, ResNetHash
 from serve.app import build_app
 from serve.config import ServeConfig
-from serve.index import ShardIndex, search_shards, slice_bounds
 from serve.start import use_fast_http
 
-INDEX_ROUNDS = 9
-SAMPLE_IMAGES = 16  # stored images of the small dataset dir, posted by POST /search
-TARGETS = (
-    "targets: 0 errors; GET /search/{id} p50 <= 20 ms, p99 <= 100 ms at the client count above; index ratio >= 0.8"
-)
+TARGETS = {
+    "errors": 0,
+    "p50_ms_1m": 20.0,
+    "p99_ms_1m": 100.0,
+    "p99_over_p50": 4.0,
+    "served_over_faiss_10m": 0.7,
+    "rss_over_share": 1.5,
+    "ours_over_faiss": 0.8,
+}
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--codes", type=int, default=1_000_000, help="database size")
+    parser.add_argument("--codes", type=int, default=1_000_000, help="database size (10^8 fits 24 GiB)")
     parser.add_argument("--bits", type=int, default=64, help="code length")
+    parser.add_argument("--row-group", type=int, default=1_000_000, help="rows per Parquet row group and write chunk")
     parser.add_argument(
         "--shards", type=int, default=ServeConfig.shards, help="index shard replicas (default: as `hashray serve`)"
+    )
+    parser.add_argument(
+        "--shard-threads", type=int, default=ServeConfig.shard_threads, help="faiss threads per shard replica"
     )
     parser.add_argument("--clients", type=int, default=8, help="concurrent clients")
     parser.add_argument("--seconds", type=float, default=15.0, help="load time per endpoint")
     parser.add_argument("--k", type=int, default=10, help="results per query")
-    parser.add_argument("--index-queries", type=int, default=300, help="queries for the in-process index timing")
+    parser.add_argument("--radii", default="0,3,6", help="radii of the served GET /search/{id}?radius=r runs")
+    parser.add_argument("--radius-seconds", type=float, default=3.0, help="load time per served radius")
+    parser.add_argument("--check-ids", type=int, default=20, help="served answers checked against brute force")
+    parser.add_argument("--faiss-seconds", type=float, default=5.0, help="time per faiss-alone thread count")
+    parser.add_argument("--index-queries", type=int, default=288, help="queries of the in-process ours-vs-faiss timing")
     parser.add_argument(
-        "--index-threads",
-        type=int,
-        default=1,
-        help="faiss threads in the in-process timing (a serving shard replica gets OMP_NUM_THREADS=1 from Ray)",
+        "--index-threads", type=int, default=1, help="faiss threads of the ours-vs-faiss timing (a shard's default)"
     )
+    parser.add_argument(
+        "--multihash-sizes", default="1000000,10000000", help="database prefixes of the multi-hash vs scan timing"
+    )
+    parser.add_argument("--multihash-radii", default="0,1,2,3,4,5,6", help="radii of the multi-hash vs scan timing")
+    parser.add_argument("--multihash-queries", type=int, default=100, help="queries of the multi-hash vs scan timing")
+    parser.add_argument("--nhash", default="2,4", help="multi-hash table counts to time (tables of bits/nhash bits)")
     parser.add_argument("--image-size", type=int, default=64, help="model input size for POST /search")
     parser.add_argument("--port", type=int, default=8321, help="loopback port")
+    parser.add_argument("--workdir", default=None, help="where the temporary dirs go (default: the system's)")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     return parser.parse_args()
 
 
-def sample_image(rng: np.random.Generator, size: int) -> bytes:
-    """A JPEG of a few coloured shapes on a coloured ground: what a stored photo costs to decode."""
-    image = Image.new("RGB", (size, size), tuple(int(v) for v in rng.integers(0, 256, 3)))
-    draw = ImageDraw.Draw(image)
-    for _ in range(3):
-        x, y = (int(v) for v in rng.integers(0, size * 3 // 4, 2))
-        side = int(rng.integers(size // 8, size // 2))
-        draw.ellipse((x, y, x + side, y + side), fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
-    buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=90)
-    return buffer.getvalue()
+def ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v.strip()]
 
 
-def make_inputs(root: Path, args: argparse.Namespace, codes: np.ndarray) -> tuple[str, str, str, list[bytes]]:
-    """Run dir, codes dir and a small dataset dir (a few stored images, the class names)."""
-    classes = [f"class-{i}" for i in range(10)]
-    torch.manual_seed(args.seed)
-    config = HashNetConfig(
-        arch="resnet18", bits=args.bits, image_size=args.image_size, classes=tuple(classes), loss="cosine"
-    )
-    ResNetHash.from_config(config).save(root / "run")
-
-    rng = np.random.default_rng(args.seed)
-    labels = pa.array(list(rng.integers(0, len(classes), size=(len(codes), 1))), type=pa.list_(pa.int32()))
-    table = codes_table([f"item-{i:07d}" for i in range(len(codes))], codes, labels)
-    codes_dir = root / "codes"
-    codes_dir.mkdir()
-    for part, (a, b) in enumerate(slice_bounds(len(codes), 4)):
-        pq.write_table(table.slice(a, b - a), codes_dir / f"part-{part}.parquet")
-    write_manifest(str(codes_dir), bits=args.bits, count=len(codes), model="bench", dataset="bench", split="database")
-
-    images = [sample_image(rng, args.image_size) for _ in range(SAMPLE_IMAGES)]
-    database = pa.table(
-        {
-            "id": [f"item-{i:07d}" for i in range(len(images))],
-            "image": images,
-            "labels": [[int(v)] for v in rng.integers(0, len(classes), size=len(images))],
-        },
-        schema=DATASET_SCHEMA,
-    )
-    (root / "data" / "database").mkdir(parents=True)
-    pq.write_table(database, root / "data" / "database" / "part-0.parquet")
-    write_dataset_info(
-        str(root / "data"), name="bench", classes=classes, splits={"database": len(images)}, created=now_iso()
-    )
-    return str(root / "run"), str(codes_dir), str(root / "data"), images
+def verdict(value: float, target: float, *, at_most: bool = True) -> str:
+    """``(target <= 4) met``: the target beside a figure, as the TARGETS line used to say it."""
+    met = value <= target if at_most else value >= target
+    return f"(target {'<=' if at_most else '>='} {target:g}) {'met' if met else 'NOT met'}"
 
 
-class Connection:
-    """One keep-alive HTTP/1.1 connection that sends prepared requests and reads status + body.
+def own_memory() -> str:
+    """This process's resident and peak memory, to show the generator stayed small."""
+    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    return f"VmRSS {int(status['VmRSS'].split()[0]) / 1024:.0f} MiB, VmHWM {int(status['VmHWM'].split()[0]) / 1024:.0f} MiB"
 
-    The load generator shares the machine with the server, so it is kept to
-    what a closed-loop client needs: a general HTTP client (httpx) spends about
-    2 ms of CPU per request here, taken from the server it is measuring.
 
-    Like any HTTP client, it sends a request again on a new connection when the
-    server closed the kept-alive one before answering a byte (HAProxy does so
-    to its open connections when Serve reloads its configuration, e.g. just
-    after start-up); ``resent`` counts those.
+def replica_rss(app_name: str) -> list[tuple[str, int, int]]:
+    """(deployment, pid, VmRSS bytes) of every Serve replica of ``app_name``, found by process title.
+
+    Ray titles a replica's worker ``ray::ServeReplica:<app>:<deployment>`` (a
+    method name is appended while it runs one); psutil is not a dependency.
     """
-
-    def __init__(self, host: str, port: int) -> None:
-        self.host, self.port = host, port
-        self.reader: asyncio.StreamReader | None = None
-        self.writer: asyncio.StreamWriter | None = None
-        self.resent = 0
-
-    async def send(self, request: bytes) -> tuple[int, bytes]:
-        for attempt in range(2):
-            reused = self.writer is not None
-            if not reused:
-                self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
-            self.writer.write(request)
-            try:
-                head = await self.reader.readuntil(b"\r\n\r\n")
-                break
-            except (asyncio.IncompleteReadError, ConnectionResetError) as error:
-                self.close()
-                if not reused or attempt or (isinstance(error, asyncio.IncompleteReadError) and error.partial):
-                    raise
-                self.resent += 1
-        status = int(head[9:12])
-        length = next(
-            (int(line[15:]) for line in head.lower().split(b"\r\n") if line.startswith(b"content-length:")), 0
-        )
-        return status, await self.reader.readexactly(length)
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-        self.reader = self.writer = None
-
-
-def http_request(method: str, path: str, body: bytes = b"", content_type: str = "") -> bytes:
-    """The bytes of one HTTP/1.1 request on a kept-alive connection."""
-    head = f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {len(body)}\r\n"
-    if content_type:
-        head += f"Content-Type: {content_type}\r\n"
-    return head.encode() + b"\r\n" + body
-
-
-def multipart_image(image: bytes, boundary: str = "hashray-bench-boundary") -> tuple[bytes, str]:
-    """(body, content type) of a multipart form whose field ``image`` holds ``image``."""
-    body = (
-        f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="q.jpg"\r\n'
-        f"Content-Type: image/jpeg\r\n\r\n".encode()
-        + image
-        + f"\r\n--{boundary}--\r\n".encode()
-    )
-    return body, f"multipart/form-data; boundary={boundary}"
-
-
-async def load(
-    port: int, clients: int, seconds: float, request: Callable[[random.Random], bytes]
-) -> tuple[list[float], collections.Counter, float, int]:
-    """C clients in a closed loop for ``seconds``: latencies (ms) of 200 answers, errors by kind, wall time, requests resent.
-
-    ``request(rng)`` gives the bytes of each client's next request.
-    """
-    latencies: list[float] = []
-    errors: collections.Counter[str] = collections.Counter()
-    resent: list[int] = []  # per client, when it stops
-
-    async def client(rng: random.Random) -> None:
-        connection = Connection("127.0.0.1", port)
+    marker = f"ServeReplica:{app_name}:"
+    found = []
+    for proc in Path("/proc").iterdir():
         try:
-            while time.perf_counter() < deadline:
-                started = time.perf_counter()
-                try:
-                    status, body = await connection.send(request(rng))
-                except (OSError, asyncio.IncompleteReadError, ValueError) as error:
-                    errors[f"{type(error).__name__}: {error}"[:120]] += 1
-                    connection.close()
-                    continue
-                if status == 200:
-                    latencies.append((time.perf_counter() - started) * 1000)
-                else:
-                    errors[f"{status} {body[:100].decode(errors='replace')}"] += 1
-        finally:
-            connection.close()
-            resent.append(connection.resent)
-
-    warm_up = Connection("127.0.0.1", port)
-    status, body = await warm_up.send(request(random.Random(-1)))
-    warm_up.close()
-    if status != 200:
-        raise SystemExit(f"the warm-up request was answered {status}: {body[:300]!r}")
-    started = time.perf_counter()
-    deadline = started + seconds
-    await asyncio.gather(*(client(random.Random(i)) for i in range(clients)))
-    return latencies, errors, time.perf_counter() - started, sum(resent)
+            title = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            if marker not in title:
+                continue
+            rss = next(line for line in (proc / "status").read_text().splitlines() if line.startswith("VmRSS:"))
+        except (OSError, StopIteration):
+            continue  # not a process, or it ended meanwhile
+        deployment = title.split(marker, 1)[1].split()[0].split(".")[0]
+        found.append((deployment, int(proc.name), int(rss.split()[1]) * 1024))
+    return sorted(found)
 
 
-def report(name: str, latencies: list[float], errors: collections.Counter, wall: float, resent: int) -> None:
-    p50, p99 = np.percentile(latencies, [50, 99]) if latencies else (float("nan"),) * 2
-    print(
-        f"{name:<22} {len(latencies) / wall:8.1f} QPS   p50 {p50:7.1f} ms   p99 {p99:7.1f} ms   errors {sum(errors.values())}"
-    )
-    for kind, count in errors.most_common(5):
-        print(f"    {count} x {kind}")
-    if resent:
-        print(
-            f"    ({resent} sent again after the server closed a kept-alive connection; their latency includes both tries)"
+def print_memory(app_name: str, *, count: int, bits: int, shards: int) -> float:
+    """Print every replica's RSS; for shards also RSS / share of (codes + ids) bytes. Returns the worst shard ratio."""
+    share = (count * bits // 8 + serve_inputs.ids_bytes(count)) / shards
+    print(f"resident memory per replica (share of codes + ids per shard: {share / 2**20:.0f} MiB):")
+    worst = 0.0
+    for deployment, pid, rss in replica_rss(app_name):
+        line = f"  {deployment:<12} pid {pid:<8} VmRSS {rss / 2**20:8.0f} MiB"
+        if deployment.startswith("IndexShard"):
+            worst = max(worst, rss / share)
+            line += f"   {rss / share:5.2f} x its share {verdict(rss / share, TARGETS['rss_over_share'])}"
+        elif deployment == "Ingress":
+            line += f"   {rss / (share * shards):5.2f} x all codes + ids (it keeps the id -> code book)"
+        print(line)
+    return worst
+
+
+def served_answers(port: int, positions: list[int], k: int) -> dict[int, tuple[list[int], list[int]]]:
+    """GET /search/{id} of the items at ``positions``: query position -> (result positions, distances)."""
+    paths = [f"/search/{serve_inputs.item_id(p)}?k={k}" for p in positions]
+    answers = asyncio.run(client.get_json(port, paths))
+    return {
+        p: ([int(r["id"][len(serve_inputs.ID_PREFIX) :]) for r in a["results"]], [r["distance"] for r in a["results"]])
+        for p, a in zip(positions, answers)
+    }
+
+
+def run_loads(args: argparse.Namespace, images: list[bytes]) -> dict[str, tuple[float, float, float, int]]:
+    """Every endpoint under ``args.clients`` closed-loop clients: name -> (QPS, p50, p99, errors)."""
+
+    def by_id(suffix: str = "") -> Callable[[random.Random], bytes]:
+        return lambda rng: client.http_request(
+            "GET", f"/search/{serve_inputs.item_id(rng.randrange(args.codes))}?k={args.k}{suffix}"
         )
 
+    uploads = [client.multipart_image(image) for image in images]
 
-def http_benchmark(args: argparse.Namespace, run: str, codes_dir: str, data: str, images: list[bytes]) -> None:
+    def post_image(rng: random.Random) -> bytes:
+        return client.http_request("POST", f"/search?k={args.k}", *rng.choice(uploads))
+
+    def run(name: str, request: Callable[[random.Random], bytes], seconds: float) -> None:
+        results[name] = client.report(name, *asyncio.run(client.load(args.port, args.clients, seconds, request)))
+
+    results: dict[str, tuple[float, float, float, int]] = {}
+    print(f"{args.clients} clients, {args.seconds:g} s per endpoint, k={args.k}")
+    run("GET /search/{id}", by_id(), args.seconds)
+    run("POST /search", post_image, args.seconds)
+    for radius in ints(args.radii):
+        run(f"GET /search/{{id}} r={radius}", by_id(f"&radius={radius}"), args.radius_seconds)
+    # The floor under every endpoint: the HTTP front and the ingress with no backend call (the static page).
+    run("GET / (HTTP floor)", lambda rng: client.http_request("GET", "/"), min(args.seconds, 5.0))
+    return results
+
+
+def http_benchmark(args: argparse.Namespace, run: str, codes_dir: str, data: str, images: list[bytes]) -> dict:
+    """Start the app through build_app, measure load time, memory, every endpoint; served answers to check."""
     cfg = ServeConfig(
         run=run,
         codes=codes_dir,
         data=data,
         shards=args.shards,
+        shard_threads=args.shard_threads,
         port=args.port,
         encoder_cpus=0.5,
         shard_cpus=0.25,
         ingress_cpus=0.25,
-        app_name="hashray-bench",
+        app_name=f"hashray-bench-{os.getpid()}",  # its replicas' process titles name it: no other server's count
     )
     serve.start(http_options={"host": "127.0.0.1", "port": args.port})
     started = time.perf_counter()
     serve.run(build_app(cfg), name=cfg.app_name, route_prefix="/")
-    print(f"app ready in {time.perf_counter() - started:.1f} s ({args.shards} shards, {args.codes} codes)")
-
-    def get_by_id(rng: random.Random) -> bytes:
-        return http_request("GET", f"/search/item-{rng.randrange(args.codes):07d}?k={args.k}")
-
-    uploads = [multipart_image(image) for image in images]
-
-    def post_image(rng: random.Random) -> bytes:
-        return http_request("POST", f"/search?k={args.k}", *rng.choice(uploads))
-
-    def get_page(rng: random.Random) -> bytes:
-        return http_request("GET", "/")
-
-    print(f"{args.clients} clients, {args.seconds:.0f} s per endpoint, k={args.k}")
-    report("GET /search/{id}", *asyncio.run(load(args.port, args.clients, args.seconds, get_by_id)))
-    report("POST /search", *asyncio.run(load(args.port, args.clients, args.seconds, post_image)))
-    # The floor under every endpoint: the HTTP front (HAProxy, or Serve's Python
-    # proxy) and the ingress with no backend call (the static page).
-    report("GET / (HTTP floor)", *asyncio.run(load(args.port, args.clients, min(args.seconds, 5.0), get_page)))
-    serve.delete(cfg.app_name)
-
-
-def index_benchmark(args: argparse.Namespace, codes: np.ndarray) -> None:
-    """Per-query search time: our shards + merge vs one faiss IndexBinaryFlat (same thread count).
-
-    The two alternate in rounds and the median round counts, so a burst of
-    load from other processes hits both alike.
-    """
-    faiss.omp_set_num_threads(args.index_threads)
-    shards = [ShardIndex(codes[a:b], start=a) for a, b in slice_bounds(len(codes), args.shards)]
-    flat = faiss.IndexBinaryFlat(args.bits)
-    flat.add(codes)
-    queries = codes[np.random.default_rng(args.seed + 1).integers(0, len(codes), size=args.index_queries)]
-    searches = {
-        f"sharded x{args.shards} (ours)": lambda q: search_shards(shards, q, args.k),
-        "faiss IndexBinaryFlat": lambda q: flat.search(q, args.k),
-    }
-    rounds: dict[str, list[float]] = {name: [] for name in searches}
-    for chunk in np.array_split(queries, INDEX_ROUNDS):
-        for name, search in searches.items():
-            started = time.perf_counter()
-            for row in range(len(chunk)):
-                search(chunk[row : row + 1])
-            rounds[name].append((time.perf_counter() - started) / len(chunk) * 1000)
-    ours_ms, faiss_ms = (float(np.median(times)) for times in rounds.values())
+    running = time.perf_counter() - started
+    asyncio.run(client.first_answer(args.port, "/healthz", timeout_s=120))
     print(
-        f"in-process search, {len(codes)} codes, k={args.k}, one query per call, {faiss.omp_get_max_threads()} faiss threads:"
+        f"load time: {time.perf_counter() - started:.1f} s from serve.run to the first answer "
+        f"(serve.run returned after {running:.1f} s; {args.shards} shards, {args.codes:,} codes)"
     )
-    for name, ms in zip(searches, (ours_ms, faiss_ms)):
-        print(f"  {name:<24} {ms:7.3f} ms/query (median of {INDEX_ROUNDS} rounds)")
-    print(f"  ratio (faiss / ours)     {faiss_ms / ours_ms:7.2f}")
+    worst_rss = print_memory(cfg.app_name, count=args.codes, bits=args.bits, shards=args.shards)
+    loads = run_loads(args, images)
+    positions = random.Random(args.seed + 2).sample(range(args.codes), min(args.check_ids, args.codes))
+    answers = served_answers(args.port, positions, args.k)
+    serve.delete(cfg.app_name)
+    return {"loads": loads, "answers": answers, "worst_rss": worst_rss, "fetch": args.k + cfg.tie_margin}
+
+
+def compare(args: argparse.Namespace, codes_dir: str, served: dict) -> tuple[float, int]:
+    """With the server gone: faiss alone on the same codes and batches, exactness, ours vs faiss, radius search.
+
+    Returns (served / faiss alone QPS, served answers that differ from brute force).
+    """
+    codes = serve_faiss.read_codes(codes_dir)
+    flat = serve_faiss.flat_index(codes)
+    queries = codes[np.random.default_rng(args.seed + 1).integers(0, len(codes), size=max(args.index_queries, 64))]
+    cores = len(os.sched_getaffinity(0))
+    threads = list(dict.fromkeys([cores, args.shards * args.shard_threads]))
+    alone = serve_faiss.faiss_alone(
+        flat, queries, batch=args.clients, fetch=served["fetch"], seconds=args.faiss_seconds, threads=threads
+    )
+    qps, p50, p99, errors = served["loads"]["GET /search/{id}"]
+    print(
+        f"faiss alone, one IndexBinaryFlat in-process, batches of {args.clients} queries, k={served['fetch']} (k + tie margin):"
+    )
+    for count, value in alone.items():
+        which = "the machine's cores" if count == cores else "what the serving shards get in all"
+        print(f"  {count} faiss threads ({which}): {value:8.1f} QPS   served / faiss alone {qps / value:5.2f}")
+    best = max(alone, key=alone.get)  # the stricter comparison: faiss with its better thread count
+    ratio = qps / alone[best]
+    print(
+        f"served GET /search/{{id}} QPS / faiss alone QPS (the better of the two: {best} threads): {ratio:.2f} "
+        f"{verdict(ratio, TARGETS['served_over_faiss_10m'], at_most=False)} (a 10M target)"
+    )
+    print(f"GET /search/{{id}} p99 / p50: {p99 / p50:.2f} {verdict(p99 / p50, TARGETS['p99_over_p50'])}")
+    wrong = serve_faiss.mismatches(flat, codes, served["answers"], args.k)
+    print(
+        f"exactness: {len(served['answers']) - len(wrong)} of {len(served['answers'])} served answers equal brute force"
+    )
+    for line in wrong[:5]:
+        print(f"  {line}")
+    del flat
+    ours_vs_faiss(args, codes, queries, served["fetch"] - args.k)
+    radius_comparison(args, codes)
+    return ratio, len(wrong)
+
+
+def ours_vs_faiss(args: argparse.Namespace, codes: np.ndarray, queries: np.ndarray, tie_margin: int) -> None:
+    """The shards' own search in-process (ShardIndex + merge) against one faiss index, same threads and batches."""
+    faiss.omp_set_num_threads(args.index_threads)
+    ours = serve_faiss.shard_search(codes, args.shards, args.k, tie_margin)
+    flat = serve_faiss.flat_index(codes)
+    ours_ms, faiss_ms = serve_faiss.ours_vs_faiss(ours, lambda q: flat.search(q, args.k), queries, args.clients)
+    print(
+        f"in-process, batches of {args.clients}, {args.index_threads} faiss threads, median of {serve_faiss.INDEX_ROUNDS} rounds:"
+    )
+    print(f"  sharded x{args.shards} (ours) {ours_ms:8.2f} ms/batch   faiss IndexBinaryFlat {faiss_ms:8.2f} ms/batch")
+    print(
+        f"  ratio (faiss / ours) {faiss_ms / ours_ms:.2f} {verdict(faiss_ms / ours_ms, TARGETS['ours_over_faiss'], at_most=False)}"
+    )
+
+
+def radius_comparison(args: argparse.Namespace, codes: np.ndarray) -> None:
+    """faiss IndexBinaryMultiHash vs the flat scan's range_search, one thread each (as a shard), per size."""
+    faiss.omp_set_num_threads(1)
+    for size in (s for s in ints(args.multihash_sizes) if s <= len(codes)):
+        part = codes[:size]
+        queries = serve_faiss.radius_queries(part, args.multihash_queries, args.seed + 3)
+        for nhash in ints(args.nhash):
+            build_s, rows = serve_faiss.multihash_vs_flat(part, queries, ints(args.multihash_radii), nhash=nhash)
+            print(
+                f"radius search, {size:,} codes, {len(queries)} queries, 1 thread: IndexBinaryMultiHash "
+                f"nhash={nhash} b={args.bits // nhash} (built in {build_s:.1f} s) vs IndexBinaryFlat.range_search"
+            )
+            for radius, flat_qps, multi_qps, equal in rows:
+                print(
+                    f"  r={radius}  scan {flat_qps:9.1f} q/s   multi-hash {multi_qps:9.1f} q/s   "
+                    f"x{multi_qps / flat_qps:7.1f}   results {'equal' if equal else 'DIFFER'}"
+                )
 
 
 def main() -> None:
     args = parse_args()
-    codes = np.random.default_rng(args.seed).integers(0, 256, size=(args.codes, args.bits // 8), dtype=np.uint8)
-    with tempfile.TemporaryDirectory(prefix="hashray-bench-") as tmp:
-        run, codes_dir, data, images = make_inputs(Path(tmp), args, codes)
+    with tempfile.TemporaryDirectory(prefix="hashray-bench-", dir=args.workdir) as tmp:
+        root = Path(tmp)
+        seconds = serve_inputs.write_codes_dir(
+            root / "codes", count=args.codes, bits=args.bits, seed=args.seed, row_group=args.row_group
+        )
+        size = sum(f.stat().st_size for f in (root / "codes").iterdir())
+        print(
+            f"codes dir: {args.codes:,} codes written in {seconds:.1f} s ({size / 2**20:,.0f} MiB on disk, "
+            f"{len(list((root / 'codes').glob('*.parquet')))} files); bench process {own_memory()}"
+        )
+        run, data, images = serve_inputs.write_run_and_data(
+            root, bits=args.bits, image_size=args.image_size, seed=args.seed
+        )
         use_fast_http()  # as `hashray serve` does before it starts Ray
         ray.init(include_dashboard=False, log_to_driver=False)
         try:
-            http_benchmark(args, run, codes_dir, data, images)
+            served = http_benchmark(args, run, str(root / "codes"), data, images)
         finally:
             serve.shutdown()
             ray.shutdown()
-    index_benchmark(args, codes)
-    print(TARGETS)
+        ratio, wrong = compare(args, str(root / "codes"), served)
+    print_targets(served, ratio, wrong)
+
+
+def print_targets(served: dict, ratio: float, wrong: int) -> None:
+    """The targets beside the figures they apply to, in one block."""
+    qps, p50, p99, errors = served["loads"]["GET /search/{id}"]
+    total_errors = sum(result[3] for result in served["loads"].values())
+    print("targets:")
+    print(f"  errors on every endpoint: {total_errors} {verdict(total_errors, TARGETS['errors'])}")
+    print(f"  GET /search/{{id}} p50 {p50:.1f} ms {verdict(p50, TARGETS['p50_ms_1m'])} (1M target)")
+    print(f"  GET /search/{{id}} p99 {p99:.1f} ms {verdict(p99, TARGETS['p99_ms_1m'])} (1M target)")
+    print(f"  GET /search/{{id}} p99 / p50 {p99 / p50:.2f} {verdict(p99 / p50, TARGETS['p99_over_p50'])}")
+    print(
+        f"  served / faiss alone QPS {ratio:.2f} {verdict(ratio, TARGETS['served_over_faiss_10m'], at_most=False)} (10M target)"
+    )
+    print(f"  served answers unlike brute force: {wrong} {verdict(wrong, 0)}")
+    print(
+        f"  largest shard RSS / its share {served['worst_rss']:.2f} {verdict(served['worst_rss'], TARGETS['rss_over_share'])}"
+    )
 
 
 if __name__ == "__main__":
