@@ -122,7 +122,9 @@ def partition(table: pa.Table, *, start: int, shard: int, shards: int) -> pa.Tab
 
     Adds their global database position as column ``position`` (int64).
     """
-    mine = np.flatnonzero(owners(table.column("id"), check_shards(shards)) == shard)
+    if not 0 <= shard < check_shards(shards):
+        raise HashrayError(f"shard {shard} does not exist among {shards}; shards are 0..{shards - 1}")
+    mine = np.flatnonzero(owners(table.column("id"), shards) == shard)
     picked = table.take(pa.array(mine, pa.int64()))
     return picked.append_column("position", pa.array(mine + start, pa.int64()))
 
