@@ -22,7 +22,7 @@ from models.errors import HashrayError
 from models.metrics import mean_average_precision, multi_hot_words
 from models.network import ResNetHash
 from pipelines.train import TrainConfig, net_config, run, validate
-from pipelines.train_loop import build_optimizer, cpu_threads
+from pipelines.train_loop import build_optimizer, cpu_threads, torch_batches
 
 # Small and fast: 32 px, 16 rows per step, a few validation images.
 # 2 CPUs: the workers and the preprocessing actor leave a whole CPU for Parquet reads.
@@ -108,6 +108,25 @@ def test_validation_map_is_one_for_perfect_codes_and_lower_for_shuffled_ones() -
     assert mean_average_precision(codes[::2], words[::2], codes, words) == pytest.approx(1.0)
     shuffled = codes[[0, 2, 4, 6, 1, 3, 5, 7]]
     assert mean_average_precision(codes[::2], words[::2], shuffled, words) < 1.0
+
+
+def test_training_batches_are_the_rows_as_tensors_in_order_with_the_last_partial_one_dropped(ray_session) -> None:
+    import ray
+
+    rows = [
+        {"image": np.full((3, 4, 4), i, dtype=np.uint8), "labels": np.eye(3, dtype=np.float32)[i % 3]}
+        for i in range(10)
+    ]
+    dataset = ray.data.from_items(rows, override_num_blocks=3)
+    batches = list(torch_batches(dataset, 4, torch.device("cpu"), drop_last=True))
+    assert [len(b["image"]) for b in batches] == [4, 4]
+    assert all(b["image"].dtype == torch.uint8 and b["labels"].dtype == torch.float32 for b in batches)
+    images = torch.cat([b["image"] for b in batches])
+    assert images[:, 0, 0, 0].tolist() == list(range(8))
+    assert torch.equal(
+        torch.cat([b["labels"] for b in batches]), torch.from_numpy(np.eye(3, dtype=np.float32)[np.arange(8) % 3])
+    )
+    assert [len(b["image"]) for b in torch_batches(dataset, 4, torch.device("cpu"))] == [4, 4, 2]
 
 
 def test_a_cpu_worker_takes_the_cores_of_its_node_unless_told() -> None:
