@@ -105,6 +105,11 @@ class CodesDir:
     def count(self) -> int:
         return int(self.manifest["count"])
 
+    def require_bits(self, bits: int, who: str) -> None:
+        """Refuse codes of another length than ``bits``, the length ``who`` makes (one line naming both)."""
+        if self.bits != bits:
+            raise HashrayError(f"{self.uri} holds {self.bits}-bit codes but {who} {bits}-bit codes")
+
     def read(self, columns: Sequence[str] = CODES_COLUMNS, start: int = 0, stop: int | None = None) -> pa.Table:
         """Rows [start, stop) of ``columns``, reading only the files that overlap them.
 

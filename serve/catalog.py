@@ -21,7 +21,6 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from contracts.codes import CodesDir
-from serve.config import check_codes_bits
 from serve.generations import CatalogState, Generation
 from serve.index import check_shards
 
@@ -65,7 +64,7 @@ class Catalog:
     async def reload(self, uri: str | None) -> Generation:
         """Open the codes dir at ``uri`` (None: the current one again) and serve it everywhere."""
         codes = await asyncio.to_thread(CodesDir.open, uri or self.state.current.codes.uri)
-        check_codes_bits(codes, self.bits)
+        codes.require_bits(self.bits, "the served model makes")
         shards = len(self.shards)
 
         async def load(number: int) -> Generation:

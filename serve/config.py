@@ -120,13 +120,7 @@ class ServeInputs:
 
 def check_codes_fit(codes: CodesDir, run: RunDir) -> None:
     """Codes of another length than the model makes cannot be searched with its queries."""
-    check_codes_bits(codes, run.config.bits, f"{run.uri} makes")
-
-
-def check_codes_bits(codes: CodesDir, bits: int, who: str = "the served model makes") -> None:
-    """:func:`check_codes_fit` where only the model's code length is at hand (the catalog's reload)."""
-    if codes.bits != bits:
-        raise HashrayError(f"{codes.uri} holds {codes.bits}-bit codes but {who} {bits}-bit codes")
+    codes.require_bits(run.config.bits, f"{run.uri} makes")
 
 
 def check_inputs(cfg: ServeConfig) -> ServeInputs:

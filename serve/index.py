@@ -164,11 +164,10 @@ class ShardIndex:
         codes = np.ascontiguousarray(codes, dtype=np.uint8)
         self.bits = check_bits(codes.shape[1] * 8)
         self.tie_margin = tie_margin
-        self._positions = (
-            np.arange(start, start + len(codes), dtype=np.int64)
-            if positions is None
-            else np.ascontiguousarray(positions, dtype=np.int64)
-        )
+        positions = np.arange(start, start + len(codes), dtype=np.int64) if positions is None else positions
+        # Four bytes a row instead of eight below 2^31 rows: at 10^8 rows that is 400 MB of a shard.
+        fits = len(positions) == 0 or int(np.max(positions)) < 2**31
+        self._positions = np.ascontiguousarray(positions, dtype=np.int32 if fits else np.int64)
         if len(self._positions) != len(codes):
             raise HashrayError(f"{len(codes)} codes but {len(self._positions)} positions")
         self._index = faiss.IndexBinaryFlat(self.bits)
@@ -207,7 +206,7 @@ class ShardIndex:
 
     def topk(self, queries: np.ndarray, k: int, radius: int | None = None) -> list[Hits]:
         """Exact top-k per query; with ``radius``, only items at distance <= radius."""
-        return [Hits(distances, self._positions[local]) for distances, local in self._ranked(queries, k, radius)]
+        return [Hits(distances, self._global(local)) for distances, local in self._ranked(queries, k, radius)]
 
     def search(self, queries: np.ndarray, k: int, radius: int | None = None) -> list[Hits]:
         """:meth:`topk` with each hit's id and labels attached."""
@@ -217,8 +216,12 @@ class ShardIndex:
         for distances, local in self._ranked(queries, k, radius):
             rows = pa.array(local, type=pa.int64())
             ids, labels = self._ids.take(rows).to_pylist(), self._labels.take(rows).to_pylist()
-            results.append(Hits(distances, self._positions[local], ids, labels))
+            results.append(Hits(distances, self._global(local), ids, labels))
         return results
+
+    def _global(self, local: np.ndarray) -> np.ndarray:
+        """The global database positions of local rows, as int64 whatever the stored width."""
+        return self._positions[local].astype(np.int64)
 
     def _ranked(self, queries: np.ndarray, k: int, radius: int | None) -> list[tuple[np.ndarray, np.ndarray]]:
         """(distances, local rows) of each query's exact top-k, in the global ranking order."""

@@ -94,6 +94,17 @@ def test_merge_keeps_ids_and_labels_with_their_positions() -> None:
     assert merged.positions.tolist() == [0, 3, 1]
 
 
+@pytest.mark.parametrize("base", [0, 2**31 - 2, 2**40])
+def test_positions_rank_ties_and_come_back_exactly_below_and_above_two_to_the_31(base: int) -> None:
+    codes = np.array([[5], [5], [5], [4]], dtype=np.uint8)
+    positions = np.array([base + 3, base + 1, base + 2, base], dtype=np.int64)
+    shard = ShardIndex(codes, positions=positions, ids=pa.array(list("wxyz")), labels=pa.array([[0]] * 4))
+    hits = shard.search(np.array([[5]], dtype=np.uint8), 4)[0]
+    assert hits.positions.dtype == np.int64
+    assert hits.positions.tolist() == [base + 1, base + 2, base + 3, base]  # ties by position, then distance 1
+    assert hits.ids == ["x", "y", "w", "z"]
+
+
 @pytest.mark.parametrize("shard_count", [1, 2, 3])
 def test_search_by_id_through_the_owning_shard_is_brute_force_for_every_id(shard_count: int) -> None:
     """What ``GET /search/{id}`` does: the owner's code, then every shard, merged; ties everywhere."""

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -70,3 +72,11 @@ def test_the_import_check_sees_imports_inside_functions(tmp_path: Path) -> None:
 def test_no_module_is_longer_than_a_sitting(package: str) -> None:
     long = {path.name: n for path in modules(package) if (n := len(path.read_text().splitlines())) > MAX_MODULE_LINES}
     assert not long, f"modules over {MAX_MODULE_LINES} lines: {long}"
+
+
+@pytest.mark.parametrize("module", ["serve.catalog", "serve.shard"])
+def test_replicas_that_hold_no_model_do_not_import_torch(module: str) -> None:
+    # torch costs a process about 700 MiB resident: the catalog and every shard would pay it for nothing.
+    code = f"import sys, {module}; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
