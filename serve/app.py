@@ -27,6 +27,10 @@ from serve.shard import IndexShard
 REPLICA_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}
 # Calls the catalog holds at once: one long poll per ingress replica, plus reloads and reports.
 CATALOG_ONGOING = 1000
+# How often a stopping replica looks whether its calls are done (Serve's default
+# waits 2 s before the first look): every call here takes milliseconds, so a
+# stop need not wait whole seconds per replica.
+SHUTDOWN = {"graceful_shutdown_wait_loop_s": 0.2}
 
 
 def build_app(cfg: ServeConfig | ServeInputs) -> serve.Application:
@@ -52,6 +56,7 @@ def build_app(cfg: ServeConfig | ServeInputs) -> serve.Application:
         },
         max_ongoing_requests=max(cfg.max_batch_size, cfg.max_ongoing_requests),
         logging_config=logging_config,
+        **SHUTDOWN,
     ).bind(inputs.run, cfg.max_batch_size, cfg.batch_wait_s)
     shards = [
         IndexShard.options(
@@ -59,6 +64,7 @@ def build_app(cfg: ServeConfig | ServeInputs) -> serve.Application:
             ray_actor_options={"num_cpus": cpus(cfg, "shard_cpus"), "runtime_env": runtime_env},
             max_ongoing_requests=cfg.max_ongoing_requests,
             logging_config=logging_config,
+            **SHUTDOWN,
         ).bind(cfg.tie_margin, cfg.shard_threads)
         for i in range(cfg.shards)
     ]
@@ -67,12 +73,14 @@ def build_app(cfg: ServeConfig | ServeInputs) -> serve.Application:
         ray_actor_options={"num_cpus": CATALOG_CPUS, "runtime_env": runtime_env},
         max_ongoing_requests=CATALOG_ONGOING,
         logging_config=logging_config,
+        **SHUTDOWN,
     ).bind(shards, inputs.codes, inputs.run.config.bits)
     return Ingress.options(
         ray_actor_options={"num_cpus": cpus(cfg, "ingress_cpus"), "runtime_env": runtime_env},
         autoscaling_config=ingress_autoscaling(cfg),
         max_ongoing_requests=max(cfg.search_batch_size * SEARCH_BATCHES_IN_FLIGHT, cfg.max_ongoing_requests),
         logging_config=logging_config,
+        **SHUTDOWN,
     ).bind(encoder, shards, catalog, inputs)
 
 

@@ -97,4 +97,5 @@ def stop_and_check_released(server: Server, sig: int = signal.SIGINT) -> float:
     held, running = listeners.wait_released(ports, tree, timeout_s=120 if sig == signal.SIGKILL else 30)
     assert not held, f"ports still listened on after signal {sig}: {sorted(held)}"
     assert not running, f"processes still running after signal {sig}: {sorted(running)}"
+    print(f"server stopped {seconds:.1f} s after signal {sig}")
     return seconds
