@@ -170,8 +170,17 @@ def unplaced(app_name: str) -> dict[str, int]:
 
 
 def stop(app_name: str, local: bool) -> None:
-    """Stop serving: Serve itself (HAProxy, replicas, controller) when Ray is this process's, else only the app."""
-    if local:
-        serve.shutdown()
-    else:
+    """Stop serving: Serve itself (HAProxy, replicas, controller) and then Ray when Ray is this process's, else only the app.
+
+    Each step prints how long it took, so a slow stop shows where the time went.
+    """
+    print("stopping: requests in flight finish first", flush=True)
+    started = time.monotonic()
+    if not local:
         serve.delete(app_name)
+        print(f"stopped: app {app_name!r} deleted in {time.monotonic() - started:.1f} s", flush=True)
+        return
+    serve.shutdown()
+    served = time.monotonic()
+    ray.shutdown()
+    print(f"stopped: Serve shut down in {served - started:.1f} s, Ray in {time.monotonic() - served:.1f} s", flush=True)
