@@ -44,6 +44,11 @@ BIND_FAILURES = ("Failed to bind", "cannot bind socket")
 # How often the start checks on the replicas, and repeats an unchanged progress line.
 POLL_S = 1.0
 REPEAT_S = 15.0
+# How long the serving process sleeps between looks at its signals. Short on
+# purpose: the kernel may hand a Ctrl-C to any of the threads Ray started, and
+# then Python runs the handler only once the main thread wakes by itself (a
+# one-hour sleep ignored Ctrl-C on a busy machine).
+SIGNAL_CHECK_S = 0.25
 
 
 def use_fast_http() -> None:
@@ -116,7 +121,7 @@ def run(cfg: ServeConfig | ServeInputs, *, local: bool = False) -> None:
             print(f"Prometheus metrics: {metrics}", flush=True)
         print(f"hashray is serving: open http://{cfg.host}:{cfg.port}/ (Ctrl-C to stop)", flush=True)
         while True:
-            time.sleep(3600)
+            time.sleep(SIGNAL_CHECK_S)
     finally:
         signal.signal(signal.SIGTERM, previous)
         stop(cfg.app_name, local)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import queue
 import signal
@@ -69,10 +70,17 @@ class Server:
     def tree(self) -> set[int]:
         return listeners.descendants(self.process.pid)
 
-    def stop(self, sig: int = signal.SIGINT, timeout_s: float = 20.0) -> float:
-        """Send ``sig`` and return the seconds until the process exited; fails the test past ``timeout_s``."""
+    def stop(self, sig: int = signal.SIGINT, timeout_s: float = 20.0, *, to_thread: bool = False) -> float:
+        """Send ``sig`` and return the seconds until the process exited; fails the test past ``timeout_s``.
+
+        ``to_thread``: hand the signal to one of the process's other threads, as
+        the kernel may do with a Ctrl-C on a busy machine (Ray starts dozens).
+        """
         started = time.monotonic()
-        self.process.send_signal(sig)
+        if to_thread:
+            send_to_other_thread(self.process.pid, sig)
+        else:
+            self.process.send_signal(sig)
         try:
             self.process.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
@@ -88,10 +96,29 @@ class Server:
             self.process.wait()
 
 
-def stop_and_check_released(server: Server, sig: int = signal.SIGINT) -> float:
+def send_to_other_thread(pid: int, sig: int) -> None:
+    """``sig`` to a thread of ``pid`` other than its main thread that does not block it (``tgkill``).
+
+    Such a thread is one the kernel may choose for a signal sent to the process.
+    """
+    others = [tid for tid in sorted(int(t) for t in os.listdir(f"/proc/{pid}/task")) if tid != pid]
+    others = [tid for tid in others if not blocked_signals(pid, tid) >> (sig - 1) & 1]
+    assert others, f"process {pid} has no thread besides its main one that takes signal {sig}"
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.tgkill(pid, others[-1], sig) != 0:
+        raise OSError(ctypes.get_errno(), f"tgkill({pid}, {others[-1]}, {sig}) failed")
+
+
+def blocked_signals(pid: int, tid: int) -> int:
+    """The mask of signals thread ``tid`` of ``pid`` blocks (bit n-1 for signal n), from /proc."""
+    status = Path(f"/proc/{pid}/task/{tid}/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("SigBlk:")).split()[1], 16)
+
+
+def stop_and_check_released(server: Server, sig: int = signal.SIGINT, *, to_thread: bool = False) -> float:
     """Stop ``server`` with ``sig``; assert it leaves no process and no listening port behind. Returns the stop time."""
     ports, tree = {listener.port for listener in server.listeners()}, server.tree()
-    seconds = server.stop(sig) if sig != signal.SIGKILL else (server.kill() or 0.0)
+    seconds = server.stop(sig, to_thread=to_thread) if sig != signal.SIGKILL else (server.kill() or 0.0)
     # After a SIGKILL nothing stops Ray in order: HAProxy dies at once with its parent,
     # Ray's node agents notice that their raylet is gone and exit within a minute or so.
     held, running = listeners.wait_released(ports, tree, timeout_s=120 if sig == signal.SIGKILL else 30)

@@ -56,9 +56,10 @@ def test_two_servers_side_by_side_listen_on_loopback_only_and_leave_nothing(serv
             assert [listener for listener in opened if not listener.loopback] == []
         assert f"Prometheus metrics: http://127.0.0.1:{metrics_port}/metrics" in servers[0].output()
         check_serve_metrics(f"http://127.0.0.1:{ports[0]}", f"http://127.0.0.1:{metrics_port}/metrics", servable)
-        # SIGINT (Ctrl-C) stops one, SIGTERM (a service manager's stop) the other.
+        # SIGINT (Ctrl-C) stops one, SIGTERM (a service manager's stop) the other, handed
+        # to one of its Ray threads rather than the main one (the kernel may pick any).
         assert stop_and_check_released(servers[0], signal.SIGINT) < 20
-        assert stop_and_check_released(servers[1], signal.SIGTERM) < 20
+        assert stop_and_check_released(servers[1], signal.SIGTERM, to_thread=True) < 20
     finally:
         for server in servers:
             server.kill()
