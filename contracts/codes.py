@@ -19,6 +19,7 @@ import pyarrow as pa
 from contracts.fs import absolute, exists, join, now_iso, parquet_files, read_json, write_json
 from contracts.parquet import open_parquet
 from models.errors import HashrayError
+from models.metrics import label_words
 
 MANIFEST_JSON = "manifest.json"
 CODES_COLUMNS = ("id", "code", "labels")
@@ -44,6 +45,16 @@ def label_lists(multi_hot: np.ndarray) -> pa.ListArray:
     offsets = np.zeros(len(multi_hot) + 1, dtype=np.int32)
     np.cumsum(np.bincount(rows, minlength=len(multi_hot)), out=offsets[1:])
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(classes.astype(np.int32)))
+
+
+def label_sets(
+    labels: pa.Array | pa.ChunkedArray, num_classes: int, dtype: type[np.unsignedinteger] = np.uint64
+) -> np.ndarray:
+    """A ``labels`` column (list<int32>) -> the label bit sets of :func:`models.metrics.label_words`."""
+    column = labels.combine_chunks() if isinstance(labels, pa.ChunkedArray) else labels
+    lengths = column.value_lengths().fill_null(0).to_numpy(zero_copy_only=False)
+    values = column.flatten().to_numpy(zero_copy_only=False)
+    return label_words(lengths, values, num_classes, dtype)
 
 
 def codes_matrix(table: pa.Table) -> np.ndarray:

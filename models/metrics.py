@@ -118,13 +118,22 @@ def top_n_curve(relevant: np.ndarray, total_relevant: np.ndarray) -> tuple[np.nd
 # ---------------------------------------------------------------- ranking
 
 
-def label_words(lengths: np.ndarray, values: np.ndarray, num_classes: int) -> np.ndarray:
-    """Class-index lists, flattened (``lengths`` per row, ``values`` concatenated) -> (n, ceil(C/64)) uint64 bit sets."""
+def label_words(
+    lengths: np.ndarray, values: np.ndarray, num_classes: int, dtype: type[np.unsignedinteger] = np.uint64
+) -> np.ndarray:
+    """Class-index lists, flattened (``lengths`` per row, ``values`` concatenated) -> (n, ceil(C/w)) bit sets.
+
+    Class c is bit c % w of word c // w, for words of w bits (``dtype``):
+    uint64 for fast popcounts here, uint8 where a row's bytes count (a
+    serving shard), which :func:`numpy.unpackbits` with ``bitorder="little"``
+    turns back into class order.
+    """
+    width = np.dtype(dtype).itemsize * 8
     lengths = np.asarray(lengths, dtype=np.int64)
     values = np.asarray(values, dtype=np.int64)
     rows = np.repeat(np.arange(len(lengths)), lengths)
-    words = np.zeros((len(lengths), max(1, -(-num_classes // 64))), dtype=np.uint64)
-    np.bitwise_or.at(words, (rows, values // 64), np.left_shift(np.uint64(1), (values % 64).astype(np.uint64)))
+    words = np.zeros((len(lengths), max(1, -(-num_classes // width))), dtype=dtype)
+    np.bitwise_or.at(words, (rows, values // width), np.left_shift(dtype(1), (values % width).astype(dtype)))
     return words
 
 

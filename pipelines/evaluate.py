@@ -19,11 +19,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from contracts.codes import CodesDir, codes_matrix
+from contracts.codes import CodesDir, codes_matrix, label_sets
 from contracts.fs import join, now_iso, write_bytes, write_json, write_table
 from models.errors import HashrayError
 from models.health import code_health, format_health
-from models.metrics import SUMMARY_KEYS, evaluate_codes, label_words, random_codes_map
+from models.metrics import SUMMARY_KEYS, evaluate_codes, random_codes_map
 
 logger = logging.getLogger(__name__)
 
@@ -74,14 +74,6 @@ def _load(codes: CodesDir) -> tuple[np.ndarray, pa.ChunkedArray, pa.ChunkedArray
     return matrix, table.column("labels"), table.column("id")
 
 
-def _words(labels: pa.ChunkedArray, num_classes: int) -> np.ndarray:
-    """An Arrow ``list<int32>`` labels column -> the label bit sets of :func:`models.metrics.label_words`."""
-    column = labels.combine_chunks()
-    lengths = column.value_lengths().fill_null(0).to_numpy(zero_copy_only=False)
-    values = column.flatten().to_numpy(zero_copy_only=False)
-    return label_words(lengths, values, num_classes)
-
-
 def _num_classes(*label_columns: pa.ChunkedArray) -> int:
     """Enough classes for every label seen (codes dirs do not carry the class list)."""
     return 1 + max(int(pc.max(pc.list_flatten(column)).as_py() or 0) for column in label_columns)
@@ -120,7 +112,7 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
         query.bits,
         min(cfg.topk, len(db_codes)),
     )
-    query_words, db_words = _words(query_labels, num_classes), _words(db_labels, num_classes)
+    query_words, db_words = label_sets(query_labels, num_classes), label_sets(db_labels, num_classes)
     metrics = evaluate_codes(
         query_codes,
         query_words,

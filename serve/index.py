@@ -1,8 +1,8 @@
 """Exact Hamming search and id lookup over one shard's rows of the database: the shard logic.
 
 A shard holds the rows whose id hashes to it (:func:`contracts.ids.owners`),
-each once: code (in faiss), id, labels and global database position, sorted
-by id so that finding an id's code is a binary search over the shard's own
+each once: code (in faiss), id and labels (:mod:`serve.columns`, each in its
+narrowest form) and global database position, sorted by id so that finding an id's code is a binary search over the shard's own
 ids. Plain numpy/faiss/pyarrow, no Ray, so the Serve shard deployment, the
 tests and the benchmark run the same code. Results follow the ranking rule of
 ``models.codes.topk_by_hamming`` -- smaller distance first, then smaller global
@@ -12,7 +12,6 @@ shard returns its own exact top-k under that order.
 
 from __future__ import annotations
 
-import bisect
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -25,6 +24,7 @@ from contracts.codes import CodesDir, codes_matrix
 from contracts.ids import owners
 from models.codes import check_bits
 from models.errors import HashrayError
+from serve.columns import IdColumn, LabelColumn, combined
 
 # Extra neighbours asked of faiss beyond k: when the last of them is farther
 # than the k-th, every item tied with the k-th is among them and the tie-break
@@ -88,32 +88,22 @@ def check_shards(shards: int) -> int:
     return shards
 
 
-def combined(column: pa.Array | pa.ChunkedArray | None) -> pa.Array | None:
-    """``column`` as one contiguous Arrow array (None stays None)."""
-    return column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-
-
-def find_sorted(ids: pa.Array, item_id: str) -> int | None:
-    """The first row of ``item_id`` in ``ids`` sorted ascending (binary search), or None."""
-    at = bisect.bisect_left(ids, item_id, key=lambda scalar: scalar.as_py())
-    return at if at < len(ids) and ids[at].as_py() == item_id else None
-
-
 class IdIndex:
     """Row of an id in ids of any order: a binary search over them sorted once.
 
-    Keeps the ids in Arrow storage (a few bytes each) instead of a dict of
-    Python strings. A shard needs none: its rows are already sorted by id.
+    Keeps the ids as an :class:`~serve.columns.IdColumn` (a few bytes each)
+    instead of a dict of Python strings. A shard needs none: its rows are
+    already sorted by id.
     """
 
     def __init__(self, ids: pa.Array | pa.ChunkedArray) -> None:
         ids = combined(ids)
         self._order = pc.sort_indices(ids).to_numpy()
-        self._sorted = ids.take(pa.array(self._order))
+        self._sorted = IdColumn(ids.take(pa.array(self._order)))
 
     def find(self, item_id: str) -> int | None:
         """The row of ``item_id`` (its first row if repeated), or None."""
-        at = find_sorted(self._sorted, item_id)
+        at = self._sorted.find_sorted(item_id)
         return None if at is None else int(self._order[at])
 
 
@@ -145,7 +135,8 @@ class ShardIndex:
         start: global database position of the first row when ``positions`` is not given
             (the rows are then a contiguous run).
         positions: global database position of each row (int64).
-        ids, labels: the rows' ``id`` and ``labels`` columns, to describe hits.
+        ids, labels: the rows' ``id`` and ``labels`` columns, to describe hits (kept as
+            :mod:`serve.columns` holds them; labels come back as sets, ascending).
         ids_sorted: whether ``ids`` is sorted ascending, which :meth:`code_of` needs.
         tie_margin: extra neighbours asked of faiss to settle ties at the k-th distance.
     """
@@ -175,10 +166,8 @@ class ShardIndex:
         # and 20-25% faster per query over a million 64-bit codes on one thread.
         self._index.use_heap = False
         self._index.add(codes)
-        # One chunk each: ``take`` on a many-chunk column costs ~0.5 ms per
-        # call at a million rows, more than the search itself.
-        self._ids = combined(ids)
-        self._labels = combined(labels)
+        self._ids = None if ids is None else IdColumn(ids)
+        self._labels = None if labels is None else LabelColumn(labels)
         self._ids_sorted = ids_sorted
 
     @classmethod
@@ -201,7 +190,7 @@ class ShardIndex:
         """The packed code of ``item_id`` (read back from faiss, the one copy), or None when no row has it."""
         if self._ids is None or not self._ids_sorted:
             raise HashrayError("this shard was built without ids sorted for lookup")
-        row = find_sorted(self._ids, item_id)
+        row = self._ids.find_sorted(item_id)
         return None if row is None else self._index.reconstruct(row)
 
     def topk(self, queries: np.ndarray, k: int, radius: int | None = None) -> list[Hits]:
@@ -214,9 +203,7 @@ class ShardIndex:
             raise HashrayError("this shard was built without ids and labels")
         results = []
         for distances, local in self._ranked(queries, k, radius):
-            rows = pa.array(local, type=pa.int64())
-            ids, labels = self._ids.take(rows).to_pylist(), self._labels.take(rows).to_pylist()
-            results.append(Hits(distances, self._global(local), ids, labels))
+            results.append(Hits(distances, self._global(local), self._ids.take(local), self._labels.take(local)))
         return results
 
     def _global(self, local: np.ndarray) -> np.ndarray:
