@@ -14,12 +14,11 @@ import logging
 
 import faiss
 import numpy as np
-import pyarrow as pa
 from ray import serve
 
 from serve.generations import Generation, ShardPart
 from serve.index import Hits, ShardIndex, read_partition
-from serve.memory import rss_bytes
+from serve.memory import return_freed_memory, rss_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -108,5 +107,5 @@ class IndexShard:
         del table
         # What the row groups and the sort freed goes back to the OS, so the
         # replica's resident memory (/healthz) is its share, not its peak.
-        pa.default_memory_pool().release_unused()
+        return_freed_memory()
         return index
