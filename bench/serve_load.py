@@ -10,7 +10,7 @@ batches of C queries (what the ingress sends each shard), checks served
 answers against it, and times faiss's multi-index hashing against the flat
 scan for radius queries (:mod:`serve_faiss`).
 
-    python bench/serve_load.py [--codes 1000000] [--clients 8] [--seconds 15] [--shards 1]
+    python bench/serve_load.py [--codes 1000000] [--clients 8] [--seconds 15] [--shards N]
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from ray import serve
 
 from serve.app import build_app
 from serve.config import ServeConfig
+from serve.resources import shard_count
 from serve.start import use_fast_http
 
 TARGETS = {
@@ -53,7 +54,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--bits", type=int, default=64, help="code length")
     parser.add_argument("--row-group", type=int, default=1_000_000, help="rows per Parquet row group and write chunk")
     parser.add_argument(
-        "--shards", type=int, default=ServeConfig.shards, help="index shard replicas (default: as `hashray serve`)"
+        "--shards",
+        type=int,
+        default=ServeConfig.shards,
+        help="index shard replicas (default: as `hashray serve`, one per 2M codes and at most one per core)",
     )
     parser.add_argument(
         "--shard-threads", type=int, default=ServeConfig.shard_threads, help="faiss threads per shard replica"
@@ -297,6 +301,8 @@ def main() -> None:
         )
         use_fast_http()  # as `hashray serve` does before it starts Ray
         ray.init(include_dashboard=False, log_to_driver=False)
+        if args.shards is None:
+            args.shards = shard_count(args.codes, ray.cluster_resources()["CPU"])
         try:
             served = http_benchmark(args, run, str(root / "codes"), data, images)
         finally:

@@ -12,13 +12,14 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import ray
 from ray import serve
 
 from models.errors import HashrayError
 from serve.catalog import Catalog
 from serve.config import ServeConfig, ServeInputs, check_inputs
 from serve.deployments import SEARCH_BATCHES_IN_FLIGHT, Encoder, Ingress
-from serve.resources import CATALOG_CPUS, cpus
+from serve.resources import CATALOG_CPUS, cpus, with_shards
 from serve.shard import IndexShard
 
 # Part of Serve's throughput-optimized mode, set per replica so it needs no
@@ -37,9 +38,12 @@ def build_app(cfg: ServeConfig | ServeInputs) -> serve.Application:
     """The Serve application: Encoder + ``cfg.shards`` IndexShards + the Catalog behind the Ingress replicas.
 
     ``cfg`` may be what :func:`check_inputs` already returned, so a caller
-    that checked first (``hashray serve``) does not open the dirs twice.
+    that checked first (``hashray serve``) does not open the dirs twice. An
+    unset shard count is chosen from the codes and the CPUs of the Ray
+    (:func:`serve.resources.shard_count`).
     """
     inputs = cfg if isinstance(cfg, ServeInputs) else check_inputs(cfg)
+    inputs = with_shards(inputs, ray.cluster_resources() if ray.is_initialized() else {})
     cfg = inputs.cfg
     logging_config = {"enable_access_log": cfg.access_log}
     runtime_env = {"env_vars": REPLICA_ENV}

@@ -31,7 +31,8 @@ class ServeConfig:
         run: finished training run dir (the query encoder).
         codes: codes dir of the database split (what is searched).
         data: dataset dir (stored images and class names).
-        shards: index shard deployments; each holds the rows whose id hashes to it (id hash % shards).
+        shards: index shard deployments; each holds the rows whose id hashes to it (id hash % shards)
+            (unset: one per 2,000,000 codes, at most one per CPU of the Ray: the scan of a shard uses one core).
         host: HTTP host to bind.
         port: HTTP port.
         metrics_port: port of Ray's Prometheus metrics (Serve's among them) when
@@ -71,7 +72,7 @@ class ServeConfig:
     run: str
     codes: str
     data: str
-    shards: int = 1
+    shards: int | None = None
     host: str = "127.0.0.1"
     port: int = 8000
     metrics_port: int | None = None
@@ -130,7 +131,8 @@ def check_inputs(cfg: ServeConfig) -> ServeInputs:
     check_codes_fit(codes, run)
     data = DatasetDir.open(cfg.data)
     data.split_files("database")  # the web page shows the database's stored images
-    check_shards(cfg.shards)
+    if cfg.shards is not None:
+        check_shards(cfg.shards)
     if cfg.max_upload_mb <= 0 or cfg.max_pixels <= 0 or cfg.search_timeout_s <= 0:
         raise HashrayError("--max-upload-mb, --max-pixels and --search-timeout-s must be positive")
     if not 1 <= cfg.encoder_min_replicas <= cfg.encoder_max_replicas:

@@ -108,6 +108,7 @@ def run(cfg: ServeConfig | ServeInputs, *, local: bool = False) -> None:
     Serve down with it; on a cluster only this app is deleted.
     """
     inputs = cfg if isinstance(cfg, ServeInputs) else check_inputs(cfg)
+    inputs = resources.with_shards(inputs, ray.cluster_resources())
     if local:
         inputs = dataclasses.replace(inputs, cfg=resources.fit(inputs.cfg, ray.cluster_resources()))
     cfg = inputs.cfg

@@ -21,7 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -145,15 +145,18 @@ def local_cluster() -> Iterator[LocalCluster]:
         shutil.rmtree(tmpdir, ignore_errors=True)
 
 
-def wait_for(predicate, timeout: float, what: str, poll: float = 0.2):
-    """Poll ``predicate()`` until it returns something truthy; that value, or an AssertionError naming ``what``."""
+def wait_for(predicate, timeout: float, what: str | Callable[[], str], poll: float = 0.2):
+    """Poll ``predicate()`` until it returns something truthy; that value, or an AssertionError naming ``what``.
+
+    ``what`` may be a function, called only on a timeout, so the message can tell the state it ended in.
+    """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
         if value:
             return value
         time.sleep(poll)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what() if callable(what) else what}")
 
 
 # ---------------------------------------------------------------- the child process

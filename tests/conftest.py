@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import os
+import signal
 
 import pytest
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# A suite started in the background of a script inherits SIGINT ignored, and
+# so would every `hashray serve` it starts: the Ctrl-C tests would then wait
+# in vain. A handler here makes each child start with SIGINT's default, as at
+# a terminal.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")

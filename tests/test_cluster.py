@@ -314,7 +314,11 @@ def test_serve_answers_503_while_a_lost_shard_comes_back_then_exactly(
         # Then every query is exact again, on the generation the reload's answer says is current.
         after = Prober(service, ids, current)
         after.start()
-        wait_for(lambda: after.exact_streak(30), 180, f"exact answers again (so far {Counter(after.outcomes)})")
+        wait_for(
+            lambda: after.exact_streak(30),
+            180,
+            lambda: f"exact answers again (so far {Counter(after.outcomes)}, the last {after.outcomes[-5:]})",
+        )
         after.stop.set()
         after.join()
         health = httpx.get(f"{service.url}/healthz", timeout=30).json()

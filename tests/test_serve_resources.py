@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import types
+
 import pytest
 
 from models.errors import HashrayError
 from serve import resources
-from serve.config import ServeConfig
+from serve.config import ServeConfig, ServeInputs
 
 
 def config(**fields) -> ServeConfig:
-    return ServeConfig(run="r", codes="c", data="d", **fields)
+    return ServeConfig(run="r", codes="c", data="d", **{"shards": 1, **fields})
 
 
 def total(cfg: ServeConfig) -> float:
@@ -70,3 +72,24 @@ def test_every_ingress_replica_counts():
     assert (fitted.encoder_cpus, fitted.shard_cpus, fitted.ingress_cpus) == (0.66, 0.33, 0.33)  # 0.5 x 2 of 3 CPUs
     assert total(fitted) <= 2.0
     assert [a for a in resources.asks(fitted) if a.deployment == "Ingress"][0].replicas == 2
+
+
+@pytest.mark.parametrize(
+    ("codes", "cpus", "shards"),
+    [(1_000, 2.0, 1), (1_000_000, 2.0, 1), (2_000_001, 2.0, 2), (10_000_000, 2.0, 2), (10_000_000, 16.0, 5)],
+)
+def test_an_unset_shard_count_is_one_per_two_million_codes_and_at_most_one_per_cpu(codes, cpus, shards):
+    assert resources.shard_count(codes, cpus) == shards
+
+
+def test_a_ray_without_whole_cpus_still_gets_one_shard():
+    assert resources.shard_count(10_000_000, 0.5) == 1
+    assert resources.shard_count(10_000_000, 0.0) == 1
+
+
+def test_with_shards_chooses_only_what_the_user_left_unset():
+    codes = types.SimpleNamespace(count=10_000_000)
+    unset = ServeInputs(ServeConfig(run="r", codes="c", data="d"), run=None, codes=codes, data=None)
+    assert resources.with_shards(unset, {"CPU": 2.0}).cfg.shards == 2
+    chosen = ServeInputs(config(shards=3), run=None, codes=codes, data=None)
+    assert resources.with_shards(chosen, {"CPU": 2.0}).cfg.shards == 3
