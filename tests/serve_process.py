@@ -118,10 +118,8 @@ def blocked_signals(pid: int, tid: int) -> int:
 def stop_and_check_released(server: Server, sig: int = signal.SIGINT, *, to_thread: bool = False) -> float:
     """Stop ``server`` with ``sig``; assert it leaves no process and no listening port behind. Returns the stop time."""
     ports, tree = {listener.port for listener in server.listeners()}, server.tree()
-    seconds = server.stop(sig, to_thread=to_thread) if sig != signal.SIGKILL else (server.kill() or 0.0)
-    # After a SIGKILL nothing stops Ray in order: HAProxy dies at once with its parent,
-    # Ray's node agents notice that their raylet is gone and exit within a minute or so.
-    held, running = listeners.wait_released(ports, tree, timeout_s=120 if sig == signal.SIGKILL else 30)
+    seconds = server.stop(sig, to_thread=to_thread)
+    held, running = listeners.wait_released(ports, tree, timeout_s=30)
     assert not held, f"ports still listened on after signal {sig}: {sorted(held)}"
     assert not running, f"processes still running after signal {sig}: {sorted(running)}"
     print(f"server stopped {seconds:.1f} s after signal {sig}")
