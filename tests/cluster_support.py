@@ -36,6 +36,10 @@ HASHRAY = str(Path(sys.executable).with_name("hashray"))
 WORKER_CPUS = 2
 WORKER_NODES = 2
 OBJECT_STORE_BYTES = 200 * 1024 * 1024
+# The GCS notices a removed node after 3 failed health checks 1 s apart
+# instead of Ray's default 5 checks 3 s apart: the node-loss tests wait less,
+# and a slow but living raylet still has each check's 10 s timeout.
+HEALTH_CHECKS = {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}
 # What starts the child's answers on its stdout.
 REPLY = "cluster: "
 
@@ -166,7 +170,10 @@ def _serve_cluster() -> None:
     """Start the cluster, report its address on stdout, then obey one JSON command per stdin line."""
     from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 0, "include_dashboard": False, "_system_config": HEALTH_CHECKS},
+    )
     nodes = {}
 
     def add() -> str:
