@@ -119,8 +119,13 @@ def stop_and_check_released(server: Server, sig: int = signal.SIGINT, *, to_thre
     """Stop ``server`` with ``sig``; assert it leaves no process and no listening port behind. Returns the stop time."""
     ports, tree = {listener.port for listener in server.listeners()}, server.tree()
     seconds = server.stop(sig, to_thread=to_thread)
-    held, running = listeners.wait_released(ports, tree, timeout_s=30)
-    assert not held, f"ports still listened on after signal {sig}: {sorted(held)}"
-    assert not running, f"processes still running after signal {sig}: {sorted(running)}"
+    assert_released(ports, tree, timeout_s=30, after=f"signal {sig}")
     print(f"server stopped {seconds:.1f} s after signal {sig}")
     return seconds
+
+
+def assert_released(ports: set[int], tree: set[int], *, timeout_s: float, after: str) -> None:
+    """Assert that within ``timeout_s`` no socket listens on ``ports`` and no process of ``tree`` runs."""
+    held, running = listeners.wait_released(ports, tree, timeout_s=timeout_s)
+    assert not held, f"ports still listened on after {after}: {sorted(held)}"
+    assert not running, f"processes still running after {after}: {sorted(running)}"

@@ -7,10 +7,9 @@ import socket
 import time
 
 import httpx
-import listeners
 import pytest
 import serve_support as support
-from serve_process import READY, Server, stop_and_check_released
+from serve_process import READY, Server, assert_released, stop_and_check_released
 
 from serve import network
 
@@ -69,33 +68,29 @@ def test_two_servers_side_by_side_listen_on_loopback_only_and_leave_nothing(serv
 def test_kill_9_before_and_after_ready_leaves_no_process_and_no_port(servable, tiny_dataset, tmp_path):
     # Two servers at once, so the minute Ray's node agents take to notice their raylet is
     # gone (after a SIGKILL nothing stops Ray in order) is waited for once, not twice.
-    (early_port, early), (late_port, late) = (
-        (port, Server(serve_argv(servable, tiny_dataset, port), tmp_path))
-        for port in (support.free_port(), support.free_port())
-    )
-    held: tuple[set[int], set[int]] = (set(), set())
+    early_port, late_port = support.free_port(), support.free_port()
+    early = Server(serve_argv(servable, tiny_dataset, early_port), tmp_path)
+    late = Server(serve_argv(servable, tiny_dataset, late_port), tmp_path)
     try:
         # Before ready: once replicas are being placed (HAProxy holds the port by then).
         assert early.wait_for("waiting for replicas", START_S), early.output()[-3000:]
         assert READY not in early.output()
-        held = killed(early, early_port, held)
+        early_ports, early_tree = killed(early, early_port)
         assert late.wait_for(READY, START_S), late.output()[-3000:]
-        held = killed(late, late_port, held)
-        ports, running = listeners.wait_released(*held, timeout_s=120)
-        assert not ports, f"ports still listened on after a SIGKILL: {sorted(ports)}"
-        assert not running, f"processes still running after a SIGKILL: {sorted(running)}"
+        late_ports, late_tree = killed(late, late_port)
+        assert_released(early_ports | late_ports, early_tree | late_tree, timeout_s=120, after="a SIGKILL")
     finally:
         early.kill()
         late.kill()
 
 
-def killed(server: Server, port: int, held: tuple[set[int], set[int]]) -> tuple[set[int], set[int]]:
-    """SIGKILL ``server``, asserting it listens on ``port``; ``held`` plus the ports and processes it had then."""
+def killed(server: Server, port: int) -> tuple[set[int], set[int]]:
+    """SIGKILL ``server``, asserting it listens on ``port``; the ports and processes it had then."""
     ports = {listener.port for listener in server.listeners()}
     assert port in ports, f"port {port} not listened on: {sorted(ports)}"
     tree = server.tree()
     server.kill()
-    return held[0] | ports, held[1] | tree
+    return ports, tree
 
 
 def test_a_taken_side_port_is_named_in_the_error(servable, tiny_dataset, tmp_path):
