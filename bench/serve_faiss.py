@@ -3,8 +3,9 @@
 What a user would run instead of ``hashray serve``: one faiss
 ``IndexBinaryFlat`` over the same codes in their own process, searched with
 the same batches the ingress sends its shards. The served answers are checked
-against it, and faiss's multi-index hashing is timed against the flat scan
-for radius queries. Only :func:`shard_search` touches serve/index.py.
+against it, and faiss's multi-index hashing and the shards' own scan are
+timed against faiss's flat scan for radius queries. Only :func:`shard_search`
+and :func:`multihash_vs_flat` touch the serving code.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import faiss
 import numpy as np
 
 from contracts.codes import CodesDir, codes_matrix
+from serve.hamming import HammingScan
 from serve.index import ShardIndex, search_shards, slice_bounds
 
 INDEX_ROUNDS = 9
@@ -49,12 +51,12 @@ def faiss_alone(
     queries: np.ndarray,
     *,
     batch: int,
-    fetch: int,
+    k: int,
     seconds: float,
     threads: list[int],
     rounds: int = 5,
 ) -> dict[int, float]:
-    """QPS of ``flat.search(batch queries, fetch)`` per faiss thread count: the served search without the server.
+    """QPS of ``flat.search(batch queries, k)`` per faiss thread count: the served search without the server.
 
     The thread counts alternate in ``rounds`` rounds and the median round
     counts: on a shared machine a burst of load on one core stalls faiss's
@@ -64,13 +66,13 @@ def faiss_alone(
     for _ in range(rounds):
         for count in threads:
             faiss.omp_set_num_threads(count)
-            qps[count].append(timed_qps(lambda q: flat.search(q, fetch), queries, batch, seconds / rounds))
+            qps[count].append(timed_qps(lambda q: flat.search(q, k), queries, batch, seconds / rounds))
     return {count: float(np.median(values)) for count, values in qps.items()}
 
 
-def shard_search(codes: np.ndarray, shards: int, k: int, tie_margin: int) -> Callable[[np.ndarray], object]:
+def shard_search(codes: np.ndarray, shards: int, k: int, threads: int) -> Callable[[np.ndarray], object]:
     """Our shard logic in-process: ``shards`` ShardIndex slices + exact merge (the only use of serve/index.py)."""
-    parts = [ShardIndex(codes[a:b], start=a, tie_margin=tie_margin) for a, b in slice_bounds(len(codes), shards)]
+    parts = [ShardIndex(codes[a:b], start=a, threads=threads) for a, b in slice_bounds(len(codes), shards)]
     return lambda queries: search_shards(parts, queries, k)
 
 
@@ -132,16 +134,19 @@ def range_sets(index: faiss.IndexBinary, queries: np.ndarray, radius: int) -> li
 
 
 def multihash_vs_flat(
-    codes: np.ndarray, queries: np.ndarray, radii: list[int], *, nhash: int, rounds: int = 3
-) -> tuple[float, list[tuple[int, float, float, bool]]]:
-    """Build seconds of an IndexBinaryMultiHash, and per radius (r, flat QPS, multi-hash QPS, equal results).
+    codes: np.ndarray, queries: np.ndarray, radii: list[int], *, nhash: int, k: int, rounds: int = 3
+) -> tuple[float, list[tuple[int, float, float, float, bool]]]:
+    """Build seconds of an IndexBinaryMultiHash, and per radius (r, flat, multi-hash and our scan's QPS, all equal).
 
     ``nhash`` tables of ``bits / nhash`` bits each; a radius r is exact with
     ``r // nhash`` flips per table (pigeonhole: one of the nhash substrings is
-    within that many bits). Each figure is the best of ``rounds``.
+    within that many bits). Our scan answers as a shard does, the first ``k``
+    within the radius (a ``radius`` query of ``GET /search``), so "equal" holds
+    where no query has more than ``k`` items within it. Each figure is the best of ``rounds``.
     """
     bits = codes.shape[1] * 8
     flat = flat_index(codes)
+    ours = HammingScan(codes, np.arange(len(codes), dtype=np.int64))
     started = time.perf_counter()
     multi = faiss.IndexBinaryMultiHash(bits, nhash, bits // nhash)
     multi.add(codes)
@@ -149,12 +154,12 @@ def multihash_vs_flat(
     rows = []
     for radius in radii:
         multi.nflip = radius // nhash
-        per_index = []
-        for index in (flat, multi):
-            best = min(_seconds(lambda: index.range_search(queries, radius + 1)) for _ in range(rounds))
-            per_index.append(len(queries) / best)
-        equal = range_sets(flat, queries, radius) == range_sets(multi, queries, radius)
-        rows.append((radius, per_index[0], per_index[1], equal))
+        searches = [lambda index=index: index.range_search(queries, radius + 1) for index in (flat, multi)]
+        searches.append(lambda: ours.search(queries, k, radius))
+        qps = [len(queries) / min(_seconds(search) for _ in range(rounds)) for search in searches]
+        want = range_sets(flat, queries, radius)
+        scanned = [set(zip(rows_.tolist(), distances.tolist())) for distances, rows_ in ours.search(queries, k, radius)]
+        rows.append((radius, *qps, want == range_sets(multi, queries, radius) == scanned))
     return build_s, rows
 
 

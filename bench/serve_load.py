@@ -7,7 +7,8 @@ replica's resident memory, QPS/p50/p99 of C closed-loop clients on
 ``GET /search/{id}``, ``POST /search`` and radius queries. Then, with the
 server gone, it searches one faiss ``IndexBinaryFlat`` over the same codes in
 batches of C queries (what the ingress sends each shard), checks served
-answers against it, and times faiss's multi-index hashing against the flat
+answers against it, times the shards' own scan against it in-process, and
+times faiss's multi-index hashing and the shards' scan against faiss's flat
 scan for radius queries (:mod:`serve_faiss`).
 
     python bench/serve_load.py [--codes 1000000] [--clients 8] [--seconds 15] [--shards N]
@@ -32,6 +33,7 @@ import serve_faiss
 import serve_inputs
 from ray import serve
 
+from serve.api import MAX_K
 from serve.app import build_app
 from serve.config import ServeConfig
 from serve.resources import shard_count
@@ -60,7 +62,7 @@ def parse_args() -> argparse.Namespace:
         help="index shard replicas (default: as `hashray serve`, one per 2M codes and at most one per core)",
     )
     parser.add_argument(
-        "--shard-threads", type=int, default=ServeConfig.shard_threads, help="faiss threads per shard replica"
+        "--shard-threads", type=int, default=ServeConfig.shard_threads, help="scan threads per shard replica"
     )
     parser.add_argument("--clients", type=int, default=8, help="concurrent clients")
     parser.add_argument("--seconds", type=float, default=15.0, help="load time per endpoint")
@@ -71,7 +73,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--faiss-seconds", type=float, default=5.0, help="time per faiss-alone thread count")
     parser.add_argument("--index-queries", type=int, default=288, help="queries of the in-process ours-vs-faiss timing")
     parser.add_argument(
-        "--index-threads", type=int, default=1, help="faiss threads of the ours-vs-faiss timing (a shard's default)"
+        "--index-threads",
+        type=int,
+        default=1,
+        help="threads of the ours-vs-faiss timing, each side (a shard's default)",
     )
     parser.add_argument(
         "--multihash-sizes", default="1000000,10000000", help="database prefixes of the multi-hash vs scan timing"
@@ -208,7 +213,7 @@ def http_benchmark(args: argparse.Namespace, run: str, codes_dir: str, data: str
     positions = random.Random(args.seed + 2).sample(range(args.codes), min(args.check_ids, args.codes))
     answers = served_answers(args.port, positions, args.k)
     serve.delete(cfg.app_name)
-    return {"loads": loads, "answers": answers, "worst_rss": worst_rss, "fetch": args.k + cfg.tie_margin}
+    return {"loads": loads, "answers": answers, "worst_rss": worst_rss}
 
 
 def compare(args: argparse.Namespace, codes_dir: str, served: dict) -> tuple[float, int]:
@@ -222,12 +227,10 @@ def compare(args: argparse.Namespace, codes_dir: str, served: dict) -> tuple[flo
     cores = len(os.sched_getaffinity(0))
     threads = list(dict.fromkeys([cores, args.shards * args.shard_threads]))
     alone = serve_faiss.faiss_alone(
-        flat, queries, batch=args.clients, fetch=served["fetch"], seconds=args.faiss_seconds, threads=threads
+        flat, queries, batch=args.clients, k=args.k, seconds=args.faiss_seconds, threads=threads
     )
     qps, p50, p99, errors = served["loads"]["GET /search/{id}"]
-    print(
-        f"faiss alone, one IndexBinaryFlat in-process, batches of {args.clients} queries, k={served['fetch']} (k + tie margin):"
-    )
+    print(f"faiss alone, one IndexBinaryFlat in-process, batches of {args.clients} queries, k={args.k}:")
     for count, value in alone.items():
         which = "the machine's cores" if count == cores else "what the serving shards get in all"
         print(f"  {count} faiss threads ({which}): {value:8.1f} QPS   served / faiss alone {qps / value:5.2f}")
@@ -245,19 +248,19 @@ def compare(args: argparse.Namespace, codes_dir: str, served: dict) -> tuple[flo
     for line in wrong[:5]:
         print(f"  {line}")
     del flat
-    ours_vs_faiss(args, codes, queries, served["fetch"] - args.k)
+    ours_vs_faiss(args, codes, queries)
     radius_comparison(args, codes)
     return ratio, len(wrong)
 
 
-def ours_vs_faiss(args: argparse.Namespace, codes: np.ndarray, queries: np.ndarray, tie_margin: int) -> None:
+def ours_vs_faiss(args: argparse.Namespace, codes: np.ndarray, queries: np.ndarray) -> None:
     """The shards' own search in-process (ShardIndex + merge) against one faiss index, same threads and batches."""
     faiss.omp_set_num_threads(args.index_threads)
-    ours = serve_faiss.shard_search(codes, args.shards, args.k, tie_margin)
+    ours = serve_faiss.shard_search(codes, args.shards, args.k, args.index_threads)
     flat = serve_faiss.flat_index(codes)
     ours_ms, faiss_ms = serve_faiss.ours_vs_faiss(ours, lambda q: flat.search(q, args.k), queries, args.clients)
     print(
-        f"in-process, batches of {args.clients}, {args.index_threads} faiss threads, median of {serve_faiss.INDEX_ROUNDS} rounds:"
+        f"in-process, batches of {args.clients}, {args.index_threads} thread(s) each, median of {serve_faiss.INDEX_ROUNDS} rounds:"
     )
     print(f"  sharded x{args.shards} (ours) {ours_ms:8.2f} ms/batch   faiss IndexBinaryFlat {faiss_ms:8.2f} ms/batch")
     print(
@@ -266,21 +269,25 @@ def ours_vs_faiss(args: argparse.Namespace, codes: np.ndarray, queries: np.ndarr
 
 
 def radius_comparison(args: argparse.Namespace, codes: np.ndarray) -> None:
-    """faiss IndexBinaryMultiHash vs the flat scan's range_search, one thread each (as a shard), per size."""
+    """faiss IndexBinaryMultiHash and our scan vs faiss's flat range_search, one thread each (as a shard), per size."""
     faiss.omp_set_num_threads(1)
     for size in (s for s in ints(args.multihash_sizes) if s <= len(codes)):
         part = codes[:size]
         queries = serve_faiss.radius_queries(part, args.multihash_queries, args.seed + 3)
         for nhash in ints(args.nhash):
-            build_s, rows = serve_faiss.multihash_vs_flat(part, queries, ints(args.multihash_radii), nhash=nhash)
+            build_s, rows = serve_faiss.multihash_vs_flat(
+                part, queries, ints(args.multihash_radii), nhash=nhash, k=MAX_K
+            )
             print(
                 f"radius search, {size:,} codes, {len(queries)} queries, 1 thread: IndexBinaryMultiHash "
-                f"nhash={nhash} b={args.bits // nhash} (built in {build_s:.1f} s) vs IndexBinaryFlat.range_search"
+                f"nhash={nhash} b={args.bits // nhash} (built in {build_s:.1f} s) and a shard's scan "
+                f"(first {MAX_K} within r) vs IndexBinaryFlat.range_search"
             )
-            for radius, flat_qps, multi_qps, equal in rows:
+            for radius, flat_qps, multi_qps, ours_qps, equal in rows:
                 print(
-                    f"  r={radius}  scan {flat_qps:9.1f} q/s   multi-hash {multi_qps:9.1f} q/s   "
-                    f"x{multi_qps / flat_qps:7.1f}   results {'equal' if equal else 'DIFFER'}"
+                    f"  r={radius}  faiss scan {flat_qps:9.1f} q/s   multi-hash {multi_qps:9.1f} q/s "
+                    f"x{multi_qps / flat_qps:7.1f}   ours {ours_qps:9.1f} q/s x{ours_qps / flat_qps:7.1f}   "
+                    f"results {'equal' if equal else 'DIFFER'}"
                 )
 
 

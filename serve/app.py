@@ -69,7 +69,7 @@ def build_app(cfg: ServeConfig | ServeInputs) -> serve.Application:
             max_ongoing_requests=cfg.max_ongoing_requests,
             logging_config=logging_config,
             **SHUTDOWN,
-        ).bind(cfg.tie_margin, cfg.shard_threads)
+        ).bind(cfg.shard_threads)
         for i in range(cfg.shards)
     ]
     catalog = Catalog.options(

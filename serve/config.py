@@ -16,7 +16,7 @@ from contracts.dataset import DatasetDir
 from contracts.run import RunDir
 from models.errors import HashrayError
 from models.transforms import MAX_PIXELS
-from serve.index import DEFAULT_TIE_MARGIN, check_shards
+from serve.index import check_shards
 
 # Where `hashray serve` takes --admin-token from when the flag is not given;
 # a deployed app (serve/config.yaml) takes it from its own args only.
@@ -45,7 +45,7 @@ class ServeConfig:
             unset requests until all replicas fit a local Ray).
         shard_cpus: CPUs Ray reserves per index shard replica (unset: 0.5, scaled like --encoder-cpus).
         ingress_cpus: CPUs Ray reserves per ingress replica (unset: 0.5, scaled like --encoder-cpus).
-        shard_threads: faiss threads per shard replica (they split a batch of queries).
+        shard_threads: scan threads per shard replica (they split a batch of queries).
         encoder_min_replicas: fewest Encoder replicas the autoscaler keeps.
         encoder_max_replicas: most Encoder replicas the autoscaler starts.
         target_ongoing_requests: ongoing requests per Encoder replica the autoscaler aims for.
@@ -62,7 +62,6 @@ class ServeConfig:
         search_timeout_s: longest wait, in seconds, for every shard's answer to a search; past it the
             query gets 503 (a shard replica is down, e.g. its node was lost, until Serve restarts it).
         max_ongoing_requests: concurrent requests per ingress or shard replica.
-        tie_margin: extra neighbours each shard asks faiss for (see serve.index).
         image_cache_row_groups: Parquet row groups of stored images kept in memory.
         access_log: log every request in every replica (costs CPU on the request path).
         admin_token: when set, ``POST /admin/reload`` needs header ``X-Admin-Token``.
@@ -95,7 +94,6 @@ class ServeConfig:
     search_batch_wait_s: float = 0.0
     search_timeout_s: float = 10.0
     max_ongoing_requests: int = 128
-    tie_margin: int = DEFAULT_TIE_MARGIN
     image_cache_row_groups: int = 8
     access_log: bool = False
     admin_token: str | None = None

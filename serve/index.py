@@ -1,9 +1,9 @@
 """Exact Hamming search and id lookup over one shard's rows of the database: the shard logic.
 
 A shard holds the rows whose id hashes to it (:func:`contracts.ids.owners`),
-each once: code (in faiss), id and labels (:mod:`serve.columns`, each in its
+each once: code (as the words of :mod:`serve.hamming`), id and labels (:mod:`serve.columns`, each in its
 narrowest form) and global database position, sorted by id so that finding an id's code is a binary search over the shard's own
-ids. Plain numpy/faiss/pyarrow, no Ray, so the Serve shard deployment, the
+ids. Plain numpy/numba/pyarrow, no Ray, so the Serve shard deployment, the
 tests and the benchmark run the same code. Results follow the ranking rule of
 ``models.codes.topk_by_hamming`` -- smaller distance first, then smaller global
 database position -- and stay exact when merged across shards because every
@@ -15,7 +15,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -25,11 +24,7 @@ from contracts.ids import owners
 from models.codes import check_bits
 from models.errors import HashrayError
 from serve.columns import IdColumn, LabelColumn, combined
-
-# Extra neighbours asked of faiss beyond k: when the last of them is farther
-# than the k-th, every item tied with the k-th is among them and the tie-break
-# is ours, not faiss's.
-DEFAULT_TIE_MARGIN = 32
+from serve.hamming import HammingScan
 
 
 @dataclass(frozen=True)
@@ -131,14 +126,14 @@ class ShardIndex:
     """Exact top-k and radius search, and code by id, over some rows of the database.
 
     Args:
-        codes: packed codes (n, bits/8) uint8 of these rows (kept only inside faiss).
+        codes: packed codes (n, bits/8) uint8 of these rows (kept only as the scan's words).
         start: global database position of the first row when ``positions`` is not given
             (the rows are then a contiguous run).
         positions: global database position of each row (int64).
         ids, labels: the rows' ``id`` and ``labels`` columns, to describe hits (kept as
             :mod:`serve.columns` holds them; labels come back as sets, ascending).
         ids_sorted: whether ``ids`` is sorted ascending, which :meth:`code_of` needs.
-        tie_margin: extra neighbours asked of faiss to settle ties at the k-th distance.
+        threads: threads that split a batch of queries.
     """
 
     def __init__(
@@ -150,28 +145,23 @@ class ShardIndex:
         ids: pa.Array | pa.ChunkedArray | None = None,
         labels: pa.Array | pa.ChunkedArray | None = None,
         ids_sorted: bool = False,
-        tie_margin: int = DEFAULT_TIE_MARGIN,
+        threads: int = 1,
     ) -> None:
         codes = np.ascontiguousarray(codes, dtype=np.uint8)
         self.bits = check_bits(codes.shape[1] * 8)
-        self.tie_margin = tie_margin
         positions = np.arange(start, start + len(codes), dtype=np.int64) if positions is None else positions
         # Four bytes a row instead of eight below 2^31 rows: at 10^8 rows that is 400 MB of a shard.
         fits = len(positions) == 0 or int(np.max(positions)) < 2**31
         self._positions = np.ascontiguousarray(positions, dtype=np.int32 if fits else np.int64)
         if len(self._positions) != len(codes):
             raise HashrayError(f"{len(codes)} codes but {len(self._positions)} positions")
-        self._index = faiss.IndexBinaryFlat(self.bits)
-        # faiss's counting-sort top-k instead of its heap: exact all the same,
-        # and 20-25% faster per query over a million 64-bit codes on one thread.
-        self._index.use_heap = False
-        self._index.add(codes)
+        self._scan = HammingScan(codes, self._positions, threads=threads)
         self._ids = None if ids is None else IdColumn(ids)
         self._labels = None if labels is None else LabelColumn(labels)
         self._ids_sorted = ids_sorted
 
     @classmethod
-    def from_partition(cls, table: pa.Table, *, tie_margin: int = DEFAULT_TIE_MARGIN) -> ShardIndex:
+    def from_partition(cls, table: pa.Table, *, threads: int = 1) -> ShardIndex:
         """A shard over rows of a codes table with their ``position`` column (:func:`partition`), sorted by id here."""
         table = table.take(pc.sort_indices(table, sort_keys=[("id", "ascending")]))
         return cls(
@@ -180,18 +170,18 @@ class ShardIndex:
             ids=table.column("id"),
             labels=table.column("labels"),
             ids_sorted=True,
-            tie_margin=tie_margin,
+            threads=threads,
         )
 
     def __len__(self) -> int:
-        return int(self._index.ntotal)
+        return len(self._scan)
 
     def code_of(self, item_id: str) -> np.ndarray | None:
-        """The packed code of ``item_id`` (read back from faiss, the one copy), or None when no row has it."""
+        """The packed code of ``item_id`` (read back from the scan's words, the one copy), or None when no row has it."""
         if self._ids is None or not self._ids_sorted:
             raise HashrayError("this shard was built without ids sorted for lookup")
         row = self._ids.find_sorted(item_id)
-        return None if row is None else self._index.reconstruct(row)
+        return None if row is None else self._scan.code(row)
 
     def topk(self, queries: np.ndarray, k: int, radius: int | None = None) -> list[Hits]:
         """Exact top-k per query; with ``radius``, only items at distance <= radius."""
@@ -212,34 +202,7 @@ class ShardIndex:
 
     def _ranked(self, queries: np.ndarray, k: int, radius: int | None) -> list[tuple[np.ndarray, np.ndarray]]:
         """(distances, local rows) of each query's exact top-k, in the global ranking order."""
-        queries = self._check_queries(queries)
-        n = len(self)
-        if radius is not None or n == 0:
-            return [self._within(query, radius if radius is not None else 0, k) for query in queries]
-        fetch = min(n, k + self.tie_margin)
-        distances, local = self._index.search(queries, fetch)
-        results = []
-        for row, query in enumerate(queries):
-            kth = distances[row, min(k, fetch) - 1]
-            if fetch < n and distances[row, -1] == kth:
-                # Items tied with the k-th may lie beyond what faiss returned.
-                results.append(self._within(query, int(kth), k))
-            else:
-                results.append(self._rank(distances[row], local[row], k))
-        return results
-
-    def _rank(self, distances: np.ndarray, local: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """The first ``k`` local rows by (distance, global position)."""
-        local = np.asarray(local, dtype=np.int64)
-        order = np.lexsort((self._positions[local], distances))[:k]
-        return np.asarray(distances, dtype=np.int32)[order], local[order]
-
-    def _within(self, query: np.ndarray, radius: int, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Every item at distance <= radius, ranked, first k (faiss's radius is exclusive)."""
-        if len(self) == 0:
-            return np.zeros(0, dtype=np.int32), np.zeros(0, dtype=np.int64)
-        _, distances, local = self._index.range_search(query[None, :], radius + 1)
-        return self._rank(distances, local, k)
+        return self._scan.search(self._check_queries(queries), k, radius)
 
     def _check_queries(self, queries: np.ndarray) -> np.ndarray:
         queries = np.ascontiguousarray(queries, dtype=np.uint8)

@@ -25,7 +25,7 @@ def return_freed_memory() -> None:
     """Hand what was freed back to the OS: Arrow's allocator's cached pages, then glibc's heap.
 
     A shard's load frees several times what it keeps (row groups, the sort,
-    temporaries of numpy and faiss). Measured on one of two shards of 10^8
+    temporaries of numpy). Measured on one of two shards of 10^8
     codes, without glibc's ``malloc_trim`` about 350 MiB of it stayed resident
     (1.58x the shard's share of codes and ids instead of 1.30x).
     """

@@ -28,8 +28,9 @@ DEFAULT_CPUS = {"encoder_cpus": 1.0, "shard_cpus": 0.5, "ingress_cpus": 0.5}
 # reload, and a reservation of its own would take CPU from the replicas that search.
 CATALOG_CPUS = 0.0
 # Codes per shard when --shards is unset. A shard scans its codes on one core,
-# so past a couple of million codes one shard per core is what answers fast:
-# 10^7 codes on 2 cores served 0.36x of faiss alone with 1 shard, 0.82x with 2.
+# so past a couple of million codes one shard per core is what answers fast
+# (measured with faiss's scan, when the scan was what a query waited for:
+# 10^7 codes on 2 cores served 0.36x of faiss alone with 1 shard, 0.82x with 2).
 CODES_PER_SHARD = 2_000_000
 # Requests are cut to hundredths of a CPU (Ray's own granularity is 1e-4).
 STEP = 0.01

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 
-import faiss
 import numpy as np
 from ray import serve
 
@@ -27,11 +26,8 @@ logger = logging.getLogger(__name__)
 class IndexShard:
     """Exact top-k and code by id over the rows whose id hashes to this shard, per index generation."""
 
-    def __init__(self, tie_margin: int, threads: int) -> None:
-        # faiss's OpenMP threads spin while they wait: more than the replica's
-        # CPUs makes every search slower on a busy node.
-        faiss.omp_set_num_threads(threads)
-        self._tie_margin = tie_margin
+    def __init__(self, threads: int) -> None:
+        self._threads = threads  # scan threads per batch of queries: more than the replica's CPUs only contend
         self._indexes: dict[ShardPart, asyncio.Future[ShardIndex]] = {}
         self._retired_below = 0  # generations below this number were dropped here on purpose
 
@@ -103,7 +99,7 @@ class IndexShard:
             table.num_rows,
             part.generation,
         )
-        index = ShardIndex.from_partition(table, tie_margin=self._tie_margin)
+        index = ShardIndex.from_partition(table, threads=self._threads)
         del table
         # What the row groups and the sort freed goes back to the OS, so the
         # replica's resident memory (/healthz) is its share, not its peak.

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -13,15 +12,6 @@ from contracts.ids import owners
 from models.codes import hamming_distances, topk_by_hamming
 from models.errors import HashrayError
 from serve.index import IdIndex, ShardIndex, merge_hits, partition, read_partition, search_shards, slice_bounds
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_faiss_thread():
-    """One thread, as a shard replica runs by default: OpenMP's spinning threads slow tiny searches on a busy machine."""
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
 
 
 def tied_codes(rng: np.random.Generator, n: int, bytes_per_code: int, pool: int) -> np.ndarray:
@@ -35,11 +25,11 @@ def database(codes: np.ndarray) -> pa.Table:
     return codes_table([f"id-{(i * 7919) % 10007:05d}" for i in range(len(codes))], codes, labels)
 
 
-def make_shards(codes: np.ndarray, count: int, tie_margin: int) -> list[ShardIndex]:
+def make_shards(codes: np.ndarray, count: int, threads: int = 1) -> list[ShardIndex]:
     """The serving layout: each shard holds the rows whose id hashes to it, sorted by id."""
     table = database(codes)
     return [
-        ShardIndex.from_partition(partition(table, start=0, shard=i, shards=count), tie_margin=tie_margin)
+        ShardIndex.from_partition(partition(table, start=0, shard=i, shards=count), threads=threads)
         for i in range(count)
     ]
 
@@ -48,14 +38,13 @@ def make_shards(codes: np.ndarray, count: int, tie_margin: int) -> list[ShardInd
 @pytest.mark.parametrize("shard_count", [1, 2, 3, 7])
 def test_topk_equals_stable_brute_force(seed: int, shard_count: int) -> None:
     rng = np.random.default_rng(seed)
-    bytes_per_code = (1, 2, 8)[seed % 3]
+    bytes_per_code = (1, 2, 3, 8, 9, 16)[seed]
     codes = tied_codes(rng, n=int(rng.integers(40, 400)), bytes_per_code=bytes_per_code, pool=int(rng.integers(3, 60)))
     queries = np.concatenate([codes[:3], rng.integers(0, 256, size=(3, bytes_per_code), dtype=np.uint8)])
     distances = hamming_distances(queries, codes)
-    # tie_margin 0 takes the radius fallback whenever ties cross the k-th place;
-    # 32 mostly trusts faiss's own neighbours.
-    for tie_margin in (0, 32):
-        shards = make_shards(codes, shard_count, tie_margin)
+    # Three threads split each batch of queries three ways.
+    for threads in (1, 3):
+        shards = make_shards(codes, shard_count, threads)
         for k in (1, 5, 17, 64, len(codes), len(codes) + 5):
             for row, hits in enumerate(search_shards(shards, queries, k)):
                 expected = np.argsort(distances[row], kind="stable")[:k]
@@ -70,7 +59,7 @@ def test_radius_is_every_item_within_it_ranked(shard_count: int) -> None:
     codes = tied_codes(rng, n=300, bytes_per_code=2, pool=40)
     queries = codes[:4]
     distances = hamming_distances(queries, codes)
-    shards = make_shards(codes, shard_count, tie_margin=4)
+    shards = make_shards(codes, shard_count)
     for radius in (0, 3, 7, 16):
         for k in (1, 10, 1000):
             for row, hits in enumerate(search_shards(shards, queries, k, radius=radius)):
@@ -112,7 +101,7 @@ def test_search_by_id_through_the_owning_shard_is_brute_force_for_every_id(shard
     codes = tied_codes(rng, n=150, bytes_per_code=2, pool=6)  # ~25 duplicates of each code
     table = database(codes)
     ids = table.column("id").to_pylist()
-    shards = make_shards(codes, shard_count, tie_margin=2)
+    shards = make_shards(codes, shard_count)
     owner_of = owners(table.column("id"), shard_count)
     distances = hamming_distances(codes, codes)
     looked_up = []

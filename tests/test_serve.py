@@ -44,7 +44,6 @@ def served(tiny_dataset, tmp_path_factory) -> Served:
     other_dir = support.write_codes(
         root / "codes-b", other_ids, base.codes[keep], [base.labels[i] for i in keep], files=2
     )
-    # tie_margin 2 sends most queries of this tie-heavy set through the exact radius fallback.
     cfg = ServeConfig(
         run=base.run,
         codes=base.codes_dir,
@@ -54,7 +53,6 @@ def served(tiny_dataset, tmp_path_factory) -> Served:
         ingress_max_replicas=2,
         ingress_target_ongoing_requests=16,
         port=support.free_port(),
-        tie_margin=2,
         encoder_cpus=0.1,
         shard_cpus=0.1,
         ingress_cpus=0.1,
