@@ -60,7 +60,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--cpus-per-worker", type=float, default=0.5, help="CPUs of the Ray Train worker")
     parser.add_argument("--threads", type=int, default=0, help="torch threads of the Ray Train worker (0: every core)")
     parser.add_argument("--data-cpus", type=float, default=0.5, help="CPUs per Ray Data read + preprocess task")
-    parser.add_argument("--data-workers", type=int, default=2, help="most read + preprocess tasks at once")
+    parser.add_argument(
+        "--data-workers",
+        type=int,
+        default=None,
+        help="most read + preprocess tasks at once (default: as `hashray train`, 0 on CPU: in the worker)",
+    )
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs given to Ray (default: all)")
     parser.add_argument("--gpu", action="store_true", help="one GPU, bf16 autocast, channels_last")
     parser.add_argument(

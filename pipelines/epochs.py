@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -162,6 +162,60 @@ def shuffled_batches(
                     {name: rows.column(name).to_numpy(zero_copy_only=False) for name in rows.column_names}
                 )
                 yield without_errors(batch, segments[first].path)
+
+
+def rebatched(
+    batches: Iterable[dict[str, np.ndarray]], batch_size: int, *, drop_last: bool
+) -> Iterator[dict[str, np.ndarray]]:
+    """Batches of ``batch_size`` rows cut from batches of any size, in row order, as Ray Data's ``iter_batches`` cuts.
+
+    The last batch is shorter, or dropped with ``drop_last``.
+    """
+    pending: list[dict[str, np.ndarray]] = []
+    held = 0
+    for batch in batches:
+        pending.append(batch)
+        held += len(next(iter(batch.values())))
+        while held >= batch_size:
+            joined = {name: np.concatenate([part[name] for part in pending]) for name in pending[0]}
+            yield {name: column[:batch_size] for name, column in joined.items()}
+            rest = {name: column[batch_size:] for name, column in joined.items()}
+            held -= batch_size
+            pending = [rest] if held else []
+    if held and not drop_last:
+        yield {name: np.concatenate([part[name] for part in pending]) for name in pending[0]}
+
+
+@dataclass(frozen=True)
+class LocalEpoch:
+    """An epoch's pieces prepared in the calling process, between training steps, instead of in Ray Data tasks.
+
+    On a CPU-only node the training step's OpenMP threads take every core, and
+    a data task running beside them stalls every barrier of the step on the
+    core it shares; decoding and augmenting between steps costs less than that
+    stall (a few percent of a step at 64 px). The same rows, shuffle and
+    augmentation as :func:`segments_dataset` over the same pieces, in the same order.
+    """
+
+    pieces: tuple[dict[str, Any], ...]
+    config: PreprocessConfig
+    num_classes: int
+    shuffle: bool
+
+    def iter_batches(
+        self, *, batch_size: int, batch_format: str = "numpy", drop_last: bool = False
+    ) -> Iterator[dict[str, np.ndarray]]:
+        """The pieces' rows in batches of ``batch_size`` (NumPy only, as the training loop reads them)."""
+        if batch_format != "numpy":
+            raise ValueError(f"a local epoch makes NumPy batches only, not {batch_format!r}")
+        prepared = shuffled_batches(
+            pa.Table.from_pylist(list(self.pieces)),
+            config=self.config,
+            num_classes=self.num_classes,
+            batch_size=batch_size,
+            shuffle=self.shuffle,
+        )
+        return rebatched(prepared, batch_size, drop_last=drop_last)
 
 
 def segments_dataset(

@@ -48,6 +48,8 @@ PLACEMENTS = {"pack": "PACK", "spread": "SPREAD"}
 # --backbone-lr-ratio's defaults: fine-tune a pretrained backbone gently; a random one learns at full rate.
 FINE_TUNE_BACKBONE_RATIO = 0.1
 FROM_SCRATCH_BACKBONE_RATIO = 1.0
+# --data-workers' default with --gpu: Ray Data tasks decode and augment while the GPU computes.
+GPU_DATA_WORKERS = 2
 
 
 @dataclass(frozen=True)
@@ -82,7 +84,9 @@ class TrainConfig:
         threads: torch threads per training worker on CPU; 0: the node's cores shared among the
             training workers on it (the data tasks run between steps and take little).
         data_cpus: CPUs per Ray Data read + preprocess task; leave room for it next to the workers.
-        data_workers: most read + preprocess tasks running at once.
+        data_workers: most read + preprocess tasks running at once; 0 prepares each batch in the
+            training worker between steps (unset: 0 on CPU, where a task beside the step's threads
+            stalls them; 2 with --gpu, where the tasks feed the GPU while it computes).
         image_size: network input size in pixels.
         seed: initialisation and augmentation seed.
         max_failures: worker failures to recover from (from the last checkpoint).
@@ -114,7 +118,7 @@ class TrainConfig:
     cpus_per_worker: float = 0.5
     threads: int = 0
     data_cpus: float = 0.5
-    data_workers: int = 2
+    data_workers: int | None = None
     image_size: int = 224
     seed: int = 0
     max_failures: int = 2
@@ -128,6 +132,13 @@ class TrainConfig:
         if self.backbone_lr_ratio is not None:
             return self.backbone_lr_ratio
         return FROM_SCRATCH_BACKBONE_RATIO if self.weights == "none" else FINE_TUNE_BACKBONE_RATIO
+
+    @property
+    def data_tasks(self) -> int:
+        """``data_workers``, or its default: Ray Data tasks beside a GPU, none (the worker itself) on CPU."""
+        if self.data_workers is not None:
+            return self.data_workers
+        return GPU_DATA_WORKERS if self.gpu else 0
 
 
 # ---------------------------------------------------------------- driver
@@ -228,7 +239,6 @@ def check_numbers(cfg: TrainConfig) -> None:
         "lr",
         "cpus_per_worker",
         "data_cpus",
-        "data_workers",
         "keep_checkpoints",
     )
     non_negative = (
@@ -238,6 +248,7 @@ def check_numbers(cfg: TrainConfig) -> None:
         "max_failures",
         "val_queries",
         "threads",
+        "data_workers",
         "balance_weight",
         "decorrelation_weight",
     )

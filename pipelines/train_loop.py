@@ -34,7 +34,7 @@ from models.loss import build_loss
 from models.metrics import mean_average_precision, multi_hot_words
 from models.network import HashNetConfig, ResNetHash
 from models.transforms import model_input
-from pipelines.epochs import EpochPlan, segments_dataset
+from pipelines.epochs import EpochPlan, LocalEpoch, segments_dataset
 from pipelines.preprocess import PreprocessConfig
 
 if TYPE_CHECKING:
@@ -123,14 +123,21 @@ def worker_nodes() -> list[str]:
 
 
 def epoch_data(plan: EpochPlan, cfg: TrainConfig, num_classes: int, *, epoch: int, rank: int, workers: int) -> Any:
-    """This worker's rows of ``epoch``, shuffled and augmented as the seed says (:mod:`pipelines.epochs`)."""
+    """This worker's rows of ``epoch``, shuffled and augmented as the seed says (:mod:`pipelines.epochs`).
+
+    Prepared here between steps with ``data_tasks`` 0 (:class:`LocalEpoch`), else streamed from Ray Data tasks.
+    """
+    config = PreprocessConfig(image_size=cfg.image_size, train=True)
+    pieces = plan.pieces(epoch, rank, workers, count=max(cfg.data_tasks, 1))
+    if cfg.data_tasks == 0:
+        return LocalEpoch(tuple(pieces), config, num_classes, shuffle=True)
     return segments_dataset(
-        plan.pieces(epoch, rank, workers, count=cfg.data_workers),
-        PreprocessConfig(image_size=cfg.image_size, train=True),
+        pieces,
+        config,
         num_classes,
         batch_size=cfg.batch_size,
         num_cpus=cfg.data_cpus,
-        max_workers=cfg.data_workers,
+        max_workers=cfg.data_tasks,
         shuffle=True,
     )
 

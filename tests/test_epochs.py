@@ -11,7 +11,16 @@ import pyarrow.parquet as pq
 import pytest
 
 from contracts.dataset import DATASET_SCHEMA
-from pipelines.epochs import EpochPlan, Segment, segments_dataset, shuffled_batches, take, total_rows
+from pipelines.epochs import (
+    EpochPlan,
+    LocalEpoch,
+    Segment,
+    rebatched,
+    segments_dataset,
+    shuffled_batches,
+    take,
+    total_rows,
+)
 from pipelines.preprocess import PreprocessConfig
 from pipelines.synthetic import synthetic_example
 
@@ -119,3 +128,44 @@ def test_the_ray_dataset_yields_the_pieces_in_plan_order(ray_session, parquet_sp
     )
     expected = np.concatenate([batch["labels"] for batch in direct])
     assert np.array_equal(first, expected) and np.array_equal(labels_in_order(), first)
+
+
+def test_a_local_epoch_gives_the_ray_datasets_batches_in_the_workers_own_process(ray_session, parquet_split) -> None:
+    """``--data-workers 0``: the same rows, shuffle, augmentation and batches as the Ray Data tasks, every row once."""
+    config = PreprocessConfig(image_size=32, train=True)
+    plan = EpochPlan(tuple(parquet_split), seed=3)
+    pieces = plan.pieces(0, 0, 1, count=2)
+    streamed = segments_dataset(pieces, config, 4, batch_size=6, num_cpus=0.5, max_workers=2, shuffle=True)
+    local = LocalEpoch(tuple(pieces), config, 4, shuffle=True)
+    for drop_last in (False, True):
+        want = list(streamed.iter_batches(batch_size=6, batch_format="numpy", drop_last=drop_last))
+        got = list(local.iter_batches(batch_size=6, drop_last=drop_last))
+        assert [len(b["image"]) for b in got] == [len(b["image"]) for b in want]
+        assert len(got) == (6 if drop_last else 7)  # 40 rows: six full batches and one of 4
+        for ours, theirs in zip(got, want):
+            np.testing.assert_array_equal(ours["image"], theirs["image"])
+            np.testing.assert_array_equal(ours["labels"], theirs["labels"])
+    next_epoch = np.concatenate(
+        [
+            b["labels"]
+            for b in LocalEpoch(tuple(plan.pieces(1, 0, 1, count=2)), config, 4, shuffle=True).iter_batches(
+                batch_size=6
+            )
+        ]
+    )
+    this_epoch = np.concatenate([b["labels"] for b in got])
+    assert sorted(map(tuple, next_epoch)) == sorted(
+        map(tuple, np.concatenate([b["labels"] for b in local.iter_batches(batch_size=6)]))
+    )
+    assert not np.array_equal(next_epoch[: len(this_epoch)], this_epoch)  # another epoch, another order
+
+
+def test_rebatched_cuts_any_sizes_into_equal_batches_in_order() -> None:
+    parts = [{"x": np.arange(a, b)} for a, b in ((0, 3), (3, 4), (4, 11), (11, 11), (11, 13))]
+    assert [b["x"].tolist() for b in rebatched(parts, 5, drop_last=False)] == [
+        [0, 1, 2, 3, 4],
+        [5, 6, 7, 8, 9],
+        [10, 11, 12],
+    ]
+    assert [len(b["x"]) for b in rebatched(parts, 5, drop_last=True)] == [5, 5]
+    assert list(rebatched([], 5, drop_last=False)) == []

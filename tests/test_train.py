@@ -15,14 +15,16 @@ import torch
 import torchvision
 from faults import FAULT_MARKER, exit_once
 
+from contracts.dataset import DatasetDir
 from contracts.fs import join, write_json
 from contracts.run import HISTORY_JSON, RunDir
 from hashray.cli import main
 from models.errors import HashrayError
 from models.metrics import mean_average_precision, multi_hot_words
 from models.network import ResNetHash
-from pipelines.train import TrainConfig, net_config, run, validate
-from pipelines.train_loop import build_optimizer, cpu_threads, torch_batches
+from pipelines.epochs import EpochPlan, LocalEpoch, row_groups
+from pipelines.train import TrainConfig, check_numbers, net_config, run, validate
+from pipelines.train_loop import build_optimizer, cpu_threads, epoch_data, torch_batches
 
 # Small and fast: 32 px, 16 rows per step, a few validation images.
 # 2 CPUs: the workers and the preprocessing actor leave a whole CPU for Parquet reads.
@@ -144,6 +146,18 @@ def test_the_backbone_rate_follows_the_start_unless_given(tiny_dataset) -> None:
     module = ResNetHash("resnet18", 16)
     optimizer = build_optimizer(module, dataclasses.replace(scratch, weights="backbone.pt", lr=1e-2))
     assert [group["lr"] for group in optimizer.param_groups] == pytest.approx([1e-3, 1e-2])
+
+
+def test_batches_are_prepared_in_the_worker_on_cpu_and_by_ray_data_beside_a_gpu(tiny_dataset) -> None:
+    cpu = TrainConfig(data=tiny_dataset, run="run")
+    assert cpu.data_tasks == 0
+    assert dataclasses.replace(cpu, gpu=True).data_tasks == 2
+    assert dataclasses.replace(cpu, data_workers=3).data_tasks == 3
+    assert dataclasses.replace(cpu, gpu=True, data_workers=0).data_tasks == 0
+    plan = EpochPlan(tuple(row_groups(DatasetDir.open(tiny_dataset))), seed=0)
+    assert isinstance(epoch_data(plan, cpu, 4, epoch=0, rank=0, workers=1), LocalEpoch)
+    with pytest.raises(HashrayError, match="--data-workers must be >= 0"):
+        check_numbers(dataclasses.replace(cpu, data_workers=-1))
 
 
 # ---------------------------------------------------------------- bad input
