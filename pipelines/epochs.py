@@ -36,6 +36,8 @@ from pipelines.preprocess import PreprocessConfig, Preprocessor, without_errors
 SHUFFLE_WINDOW_GROUPS = 4
 # Salts of the generators, so no two uses of one seed draw the same numbers.
 _HOLDOUT, _EPOCH, _PIECE = 0, 1, 2
+# Ray Data tasks that prepare a training worker's batches beside a GPU (--data-workers unset with --gpu).
+GPU_DATA_TASKS = 2
 
 
 @dataclass(frozen=True)
@@ -242,3 +244,33 @@ def segments_dataset(
     # with it, an epoch's batches depend on the seed alone, not on timing.
     prepared.context.execution_options.preserve_order = True
     return prepared
+
+
+def data_tasks(data_workers: int | None, *, gpu: bool) -> int:
+    """Ray Data tasks preparing a training worker's batches: ``data_workers``, or the device's default.
+
+    Beside a GPU the tasks decode and augment while it computes. On CPU there
+    are none (:class:`LocalEpoch`): the step's threads take every core, and a
+    task sharing one stalls every barrier of the step (0.60x of a plain loop
+    at 64 px on 2 cores with two tasks, 1.03x without).
+    """
+    if data_workers is not None:
+        return data_workers
+    return GPU_DATA_TASKS if gpu else 0
+
+
+def epoch_batches(
+    pieces: list[dict[str, Any]],
+    config: PreprocessConfig,
+    num_classes: int,
+    *,
+    batch_size: int,
+    num_cpus: float,
+    tasks: int,
+) -> LocalEpoch | ray.data.Dataset:
+    """An epoch's pieces, shuffled: prepared in this process with ``tasks`` 0, else by that many Ray Data tasks."""
+    if tasks == 0:
+        return LocalEpoch(tuple(pieces), config, num_classes, shuffle=True)
+    return segments_dataset(
+        pieces, config, num_classes, batch_size=batch_size, num_cpus=num_cpus, max_workers=tasks, shuffle=True
+    )

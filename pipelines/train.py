@@ -31,7 +31,7 @@ from models.codes import check_bits
 from models.errors import HashrayError
 from models.loss import LOSSES, PRETRAIN_LOSSES
 from models.network import ARCHS, CONFIG_JSON, HashNetConfig, ResNetHash, check_arch, load_backbone_weights
-from pipelines.epochs import EpochPlan, row_groups, segments_dataset
+from pipelines.epochs import EpochPlan, data_tasks, row_groups, segments_dataset
 from pipelines.preprocess import PreprocessConfig
 from pipelines.train_loop import EpochHook, read_checkpoint, train_loop, training_loss
 
@@ -48,8 +48,6 @@ PLACEMENTS = {"pack": "PACK", "spread": "SPREAD"}
 # --backbone-lr-ratio's defaults: fine-tune a pretrained backbone gently; a random one learns at full rate.
 FINE_TUNE_BACKBONE_RATIO = 0.1
 FROM_SCRATCH_BACKBONE_RATIO = 1.0
-# --data-workers' default with --gpu: Ray Data tasks decode and augment while the GPU computes.
-GPU_DATA_WORKERS = 2
 
 
 @dataclass(frozen=True)
@@ -84,9 +82,8 @@ class TrainConfig:
         threads: torch threads per training worker on CPU; 0: the node's cores shared among the
             training workers on it (the data tasks run between steps and take little).
         data_cpus: CPUs per Ray Data read + preprocess task; leave room for it next to the workers.
-        data_workers: most read + preprocess tasks running at once; 0 prepares each batch in the
-            training worker between steps (unset: 0 on CPU, where a task beside the step's threads
-            stalls them; 2 with --gpu, where the tasks feed the GPU while it computes).
+        data_workers: most read + preprocess tasks running at once; 0: each batch is prepared in the
+            training worker between steps (unset: 0 on CPU, 2 with --gpu; see pipelines.epochs.data_tasks).
         image_size: network input size in pixels.
         seed: initialisation and augmentation seed.
         max_failures: worker failures to recover from (from the last checkpoint).
@@ -135,10 +132,8 @@ class TrainConfig:
 
     @property
     def data_tasks(self) -> int:
-        """``data_workers``, or its default: Ray Data tasks beside a GPU, none (the worker itself) on CPU."""
-        if self.data_workers is not None:
-            return self.data_workers
-        return GPU_DATA_WORKERS if self.gpu else 0
+        """``data_workers``, or its default for the device (:func:`pipelines.epochs.data_tasks`)."""
+        return data_tasks(self.data_workers, gpu=self.gpu)
 
 
 # ---------------------------------------------------------------- driver
@@ -232,26 +227,9 @@ def validate(cfg: TrainConfig) -> tuple[DatasetDir, dict[str, torch.Tensor] | No
 
 def check_numbers(cfg: TrainConfig) -> None:
     """Counts, rates and sizes in their ranges, named by their command-line flag."""
-    positive = (
-        "epochs",
-        "batch_size",
-        "workers",
-        "lr",
-        "cpus_per_worker",
-        "data_cpus",
-        "keep_checkpoints",
-    )
-    non_negative = (
-        "freeze_epochs",
-        "backbone_lr_ratio",
-        "weight_decay",
-        "max_failures",
-        "val_queries",
-        "threads",
-        "data_workers",
-        "balance_weight",
-        "decorrelation_weight",
-    )
+    positive = ("epochs", "batch_size", "workers", "lr", "cpus_per_worker", "data_cpus", "keep_checkpoints")
+    non_negative = ("freeze_epochs", "backbone_lr_ratio", "weight_decay", "max_failures", "val_queries", "threads")
+    non_negative += ("data_workers", "balance_weight", "decorrelation_weight")
     for name in positive + non_negative:
         value = getattr(cfg, name)
         if value is None:  # unset: a default chosen from other flags

@@ -34,7 +34,7 @@ from models.loss import build_loss
 from models.metrics import mean_average_precision, multi_hot_words
 from models.network import HashNetConfig, ResNetHash
 from models.transforms import model_input
-from pipelines.epochs import EpochPlan, LocalEpoch, segments_dataset
+from pipelines.epochs import EpochPlan, epoch_batches
 from pipelines.preprocess import PreprocessConfig
 
 if TYPE_CHECKING:
@@ -123,22 +123,14 @@ def worker_nodes() -> list[str]:
 
 
 def epoch_data(plan: EpochPlan, cfg: TrainConfig, num_classes: int, *, epoch: int, rank: int, workers: int) -> Any:
-    """This worker's rows of ``epoch``, shuffled and augmented as the seed says (:mod:`pipelines.epochs`).
-
-    Prepared here between steps with ``data_tasks`` 0 (:class:`LocalEpoch`), else streamed from Ray Data tasks.
-    """
-    config = PreprocessConfig(image_size=cfg.image_size, train=True)
-    pieces = plan.pieces(epoch, rank, workers, count=max(cfg.data_tasks, 1))
-    if cfg.data_tasks == 0:
-        return LocalEpoch(tuple(pieces), config, num_classes, shuffle=True)
-    return segments_dataset(
-        pieces,
-        config,
+    """This worker's rows of ``epoch``, shuffled and augmented as the seed says (:mod:`pipelines.epochs`)."""
+    return epoch_batches(
+        plan.pieces(epoch, rank, workers, count=max(cfg.data_tasks, 1)),
+        PreprocessConfig(image_size=cfg.image_size, train=True),
         num_classes,
         batch_size=cfg.batch_size,
         num_cpus=cfg.data_cpus,
-        max_workers=cfg.data_tasks,
-        shuffle=True,
+        tasks=cfg.data_tasks,
     )
 
 
