@@ -1,4 +1,4 @@
-"""The IndexShard deployment: one hash partition of the codes per generation, its id lookup and its search.
+"""The IndexShard deployment: one hash partition of the codes per generation, its id lookup and its searches.
 
 Every call names its :class:`ShardPart` (generation, codes dir, shard of
 shards), so a replica loads what it is asked for on first use: one that Serve
@@ -48,6 +48,22 @@ class IndexShard:
             return None
         codes = [index.code_of(item_id) for item_id in item_ids]
         return [None if code is None else code.tobytes() for code in codes]
+
+    async def search_ids(
+        self, part: ShardPart, item_ids: list[str], k: int, radius: int | None
+    ) -> list[Hits | None] | None:
+        """The hits of each id's own code in this shard's rows (None for an id it does not hold).
+
+        What a query by id needs in one call when one shard holds every code;
+        with several, the ingress looks the code up and then asks every shard.
+        """
+        index = await self._index(part)
+        if index is None:
+            return None
+        codes = [index.code_of(item_id) for item_id in item_ids]
+        found = [code for code in codes if code is not None]
+        hits = iter(index.search(np.stack(found), k, radius) if found else [])
+        return [None if code is None else next(hits) for code in codes]
 
     async def search(self, part: ShardPart, queries: np.ndarray, k: int, radius: int | None) -> list[Hits] | None:
         index = await self._index(part)
