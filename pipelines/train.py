@@ -318,7 +318,7 @@ def validation_datasets(cfg: TrainConfig, plan: EpochPlan, num_classes: int) -> 
 
     def prepared(segments: list) -> Any:
         pieces = [{"segments": [dataclasses.asdict(s) for s in segments], "seed": [cfg.seed]}]
-        return segments_dataset(
+        dataset = segments_dataset(
             pieces,
             evaluation,
             num_classes,
@@ -327,6 +327,10 @@ def validation_datasets(cfg: TrainConfig, plan: EpochPlan, num_classes: int) -> 
             max_workers=1,
             shuffle=False,
         ).materialize()
+        # Read again every epoch: its progress bars would leave a finished
+        # line behind each time, beside the epoch's own progress line.
+        dataset.context.enable_progress_bars = False
+        return dataset
 
     return {"val_query": prepared(plan.validation_queries()), "val_database": prepared(plan.validation_database())}
 
