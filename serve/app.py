@@ -18,7 +18,8 @@ from ray import serve
 from models.errors import HashrayError
 from serve.catalog import Catalog
 from serve.config import ServeConfig, ServeInputs, check_inputs
-from serve.deployments import SEARCH_BATCHES_IN_FLIGHT, Encoder, Ingress
+from serve.deployments import SEARCH_BATCHES_IN_FLIGHT, Ingress
+from serve.encoder import Encoder
 from serve.resources import CATALOG_CPUS, cpus, with_shards
 from serve.shard import IndexShard
 

@@ -1,4 +1,4 @@
-"""The Encoder and the Ingress deployments; the shards are in :mod:`serve.shard`, the catalog in :mod:`serve.catalog`.
+"""The Ingress deployment; the Encoder is in :mod:`serve.encoder`, the shards in :mod:`serve.shard`, the catalog in :mod:`serve.catalog`.
 
 A query image goes ingress (decode, transform) -> Encoder (batched forward
 pass, sign bits) -> every IndexShard (exact top-k of its partition) -> ingress
@@ -27,10 +27,8 @@ from ray.serve.handle import DeploymentHandle
 
 from contracts.codes import CodesDir
 from contracts.ids import owner
-from contracts.run import RunDir
-from models.codes import pack_codes
 from models.errors import find_cause
-from models.transforms import decode_image, eval_transform, model_input
+from models.transforms import decode_image, eval_transform
 from serve.api import MAX_SAMPLE, BackendUnavailable, create_api
 from serve.config import ServeInputs
 from serve.generations import WATCH_S, Generation, Generations
@@ -86,25 +84,6 @@ def grouped(items: list, key) -> list[list[int]]:
     for row, item in enumerate(items):
         groups.setdefault(key(item), []).append(row)
     return list(groups.values())
-
-
-@serve.deployment
-class Encoder:
-    """The run's model; concurrent queries share one forward pass (``@serve.batch``)."""
-
-    def __init__(self, run: RunDir, max_batch_size: int, batch_wait_s: float) -> None:
-        # A replica sees a GPU only when it was given one (encoder_gpus).
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.config = run.config
-        self.model = run.load_model(map_location=self.device)
-        self.encode.set_max_batch_size(max_batch_size)
-        self.encode.set_batch_wait_timeout_s(batch_wait_s)
-
-    @serve.batch
-    async def encode(self, images: list[torch.Tensor]) -> list[bytes]:
-        """uint8 (3, S, S) images from :func:`eval_transform` -> packed codes, one per image."""
-        batch = model_input(torch.stack(images).to(self.device), self.config)
-        return [row.tobytes() for row in pack_codes(self.model.encode(batch).cpu().numpy())]
 
 
 @serve.deployment

@@ -22,6 +22,7 @@ from models.errors import HashrayError
 from models.network import HashNetConfig, ResNetHash
 from models.transforms import decode_image, eval_transform, model_input
 from serve import network
+from serve.config import ServeConfig
 from serve.index import slice_bounds
 
 BITS = 16
@@ -93,6 +94,22 @@ def make_servable(dataset: str, root: Path) -> Servable:
     codes = encode_images(run, images)
     codes_dir = write_codes(root / "codes", ids, codes, labels, files=3)
     return Servable(run, codes_dir, ids, images, labels, classes, codes)
+
+
+def small_config(servable: Servable, dataset: str, *, shards: int, app_name: str, **fields) -> ServeConfig:
+    """A config of ``servable`` on a free loopback port with 0.1-CPU replicas, so tests share 2 cores."""
+    return ServeConfig(
+        run=servable.run,
+        codes=servable.codes_dir,
+        data=dataset,
+        shards=shards,
+        port=free_port(),
+        encoder_cpus=0.1,
+        shard_cpus=0.1,
+        ingress_cpus=0.1,
+        app_name=app_name,
+        **fields,
+    )
 
 
 def free_port() -> int:

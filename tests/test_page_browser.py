@@ -21,8 +21,6 @@ import httpx
 import pytest
 import serve_support as support
 
-from serve.config import ServeConfig
-
 pytestmark = [pytest.mark.heavy, pytest.mark.browser]
 
 CHROMIUM_FLAGS = (
@@ -103,18 +101,7 @@ class DevTools:
 @pytest.fixture(scope="module")
 def page_url(tiny_dataset, tmp_path_factory) -> Iterator[tuple[str, support.Servable]]:
     servable = support.make_servable(tiny_dataset, tmp_path_factory.mktemp("page"))
-    cfg = ServeConfig(
-        run=servable.run,
-        codes=servable.codes_dir,
-        data=tiny_dataset,
-        shards=2,
-        port=support.free_port(),
-        encoder_cpus=0.1,
-        shard_cpus=0.1,
-        ingress_cpus=0.1,
-        app_name="hashray-page",
-    )
-    with support.running_app(cfg) as url:
+    with support.running_app(support.small_config(servable, tiny_dataset, shards=2, app_name="hashray-page")) as url:
         yield url, servable
 
 

@@ -8,8 +8,6 @@ import httpx
 import pytest
 import serve_support as support
 
-from serve.config import ServeConfig
-
 pytestmark = pytest.mark.heavy
 
 
@@ -20,17 +18,7 @@ def served(tiny_dataset, tmp_path_factory) -> tuple[support.Servable, str, str, 
     keep = list(range(len(base.ids) - 1, 29, -1))  # fewer rows, reversed: the tie-breaks change
     other_ids = [base.ids[i] for i in keep]
     other_dir = support.write_codes(root / "codes-b", other_ids, base.codes[keep], [base.labels[i] for i in keep], 1)
-    cfg = ServeConfig(
-        run=base.run,
-        codes=base.codes_dir,
-        data=tiny_dataset,
-        shards=1,
-        port=support.free_port(),
-        encoder_cpus=0.1,
-        shard_cpus=0.1,
-        ingress_cpus=0.1,
-        app_name="hashray-one-shard-test",
-    )
+    cfg = support.small_config(base, tiny_dataset, shards=1, app_name="hashray-one-shard-test")
     with support.running_app(cfg) as url:
         yield base, url, other_dir, other_ids
 
