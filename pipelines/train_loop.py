@@ -233,11 +233,12 @@ def torch_batches(
     regions and sleeps on futexes, and every op of the training step pays a
     wake-up: half the speed on 2 cores. NumPy batches from the prefetch threads
     and a zero-copy ``torch.from_numpy`` here keep one team, the training
-    thread's.
+    thread's. Arrays read straight from Arrow are read-only and are copied
+    (a batch is a few hundred KB), so no tensor aliases memory torch may not write.
     """
     for batch in dataset.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=drop_last):
         yield {
-            name: torch.from_numpy(np.ascontiguousarray(batch[name])).to(device, dtype)
+            name: torch.from_numpy(np.require(batch[name], requirements=("C", "W"))).to(device, dtype)
             for name, dtype in BATCH_DTYPES.items()
         }
 
