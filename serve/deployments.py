@@ -4,9 +4,10 @@ A query image goes ingress (decode, transform) -> Encoder (batched forward
 pass, sign bits) -> every IndexShard (exact top-k of its partition) -> ingress
 (exact merge, ids and class names). A query by id skips the Encoder: the one
 shard that owns the id (its hash % shards) returns its code, then every shard
-is searched; with a single shard that is one call. The ingress replicas are alike and hold no index: each follows
-the catalog's current generation and pins it per request. The HTTP routes are
-in :mod:`serve.api`, the pin and reload rules in :mod:`serve.generations`.
+is searched; with a single shard that is one call. The ingress replicas are
+alike and hold no index: each follows the catalog's current generation and
+pins it per request. The HTTP routes are in :mod:`serve.api`, the pin and
+reload rules in :mod:`serve.generations`.
 """
 
 from __future__ import annotations

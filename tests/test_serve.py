@@ -22,7 +22,6 @@ from PIL import Image
 from contracts.ids import owners
 from models.errors import HashrayError
 from serve.app import app_builder
-from serve.config import ServeConfig
 
 pytestmark = pytest.mark.heavy
 
@@ -44,21 +43,16 @@ def served(tiny_dataset, tmp_path_factory) -> Served:
     other_dir = support.write_codes(
         root / "codes-b", other_ids, base.codes[keep], [base.labels[i] for i in keep], files=2
     )
-    cfg = ServeConfig(
-        run=base.run,
-        codes=base.codes_dir,
-        data=tiny_dataset,
+    cfg = support.small_config(
+        base,
+        tiny_dataset,
         shards=3,
+        app_name="hashray-test",
         ingress_min_replicas=2,
         ingress_max_replicas=2,
         ingress_target_ongoing_requests=16,
-        port=support.free_port(),
-        encoder_cpus=0.1,
-        shard_cpus=0.1,
-        ingress_cpus=0.1,
         max_upload_mb=1.0,
         max_pixels=1_000_000,
-        app_name="hashray-test",
     )
     with support.running_app(cfg) as url:
         yield Served(
