@@ -170,3 +170,30 @@ def test_a_grid_without_the_cosine_loss_or_with_unknown_names_is_rejected() -> N
         quality.check_grid(dataclasses.replace(TINY_GRID, inits=("imagenet",)))
     with pytest.raises(HashrayError, match="at least one learning rate"):
         quality.check_grid(dataclasses.replace(TINY_GRID, lrs=()))
+    with pytest.raises(HashrayError, match="--scratch-losses must include cosine"):
+        quality.check_grid(dataclasses.replace(TINY_GRID, inits=("scratch",), scratch_losses=("dpsh",)))
+
+
+def test_the_full_grid_fine_tunes_every_loss_and_trains_cosine_and_dpsh_from_scratch(monkeypatch, tmp_path) -> None:
+    trained = []
+
+    def fake_run(cfg, data, out, setting, weights):
+        trained.append(setting)
+        return {"setting": setting.name, **dataclasses.asdict(setting), "topk": 10, "val_mAP": [0.5]}
+
+    monkeypatch.setattr(quality, "run_setting", fake_run)
+    monkeypatch.setattr(quality, "ensure_pretrained", lambda cfg, data, out: "backbone.pt")
+    monkeypatch.setattr(quality, "per_query", lambda out, setting: {"mAP": np.ones(4), "NDCG": np.ones(4)})
+    for name in ("summarise", "compare", "convergence", "checks", "plot_pr_curves"):
+        monkeypatch.setattr(report, name, lambda *args, **kwargs: [])
+    monkeypatch.setattr(report, "markdown", lambda *args, **kwargs: "")
+    cfg = quality.PRESETS["full"]
+    quality.run_grid(cfg, tmp_path, data="data")
+
+    settings = set(trained)  # a sweep run is asked for again as the first seed's row (cached in a real run)
+    by_init = {init: {s.loss for s in settings if s.init == init} for init in quality.INITS}
+    assert by_init == {"finetune": set(cfg.losses), "scratch": {"cosine", "dpsh"}}
+    assert len(settings) == quality.run_count(cfg) == 5 * 8 + 2 * 8
+    for init, loss in [("finetune", "csq"), ("scratch", "dpsh")]:
+        runs = {(s.bits, s.seed) for s in settings if (s.init, s.loss) == (init, loss)}
+        assert runs == {(bits, seed) for bits in (32, 64) for seed in (0, 1, 2)}
