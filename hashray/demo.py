@@ -73,8 +73,11 @@ class DemoConfig:
     database: int = 4000
     image_size: int = 64
     num_classes: int = 20
-    pretrain_epochs: int = 10
-    epochs: int = 14
+    # 18 + 12, not 10 + 14: the classifier's held-out mAP was still rising at 10
+    # epochs (0.536) and levels off near 0.56 from 13, and the hashing run's
+    # held-out mAP ends at 0.736 instead of 0.705, for about a minute more.
+    pretrain_epochs: int = 18
+    epochs: int = 12
     batch_size: int = 32
     lr: float = 3e-3
     balance_weight: float = 0.0
