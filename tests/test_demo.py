@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 
 from hashray.cli import main
-from hashray.demo import QUICK
+from hashray.demo import QUICK, DemoConfig, pretrain_config, train_config
 
 
 @pytest.mark.heavy
@@ -52,3 +53,19 @@ def test_quick_demo_runs_every_stage_then_reuses_them(ray_session, tmp_path, cap
 def test_demo_rejects_bad_epochs(capsys):
     assert main(["demo", "--quick", "--no-serve", "--epochs", "0"]) == 2
     assert "--epochs must be at least 1" in capsys.readouterr().err
+
+
+def test_only_the_hashing_run_after_pretraining_slows_the_backbone():
+    cfg = DemoConfig()
+    assert cfg.pretrain_epochs and cfg.backbone_lr_ratio < 1.0
+    assert train_config(cfg).backbone_ratio == cfg.backbone_lr_ratio
+    # The classifier itself, and a hashing run from random weights, train the whole network at --lr.
+    assert pretrain_config(cfg).backbone_ratio == 1.0
+    assert train_config(dataclasses.replace(cfg, pretrain_epochs=0)).backbone_ratio == 1.0
+
+
+@pytest.mark.parametrize("pretrain_epochs", ["0", "1"])
+def test_demo_rejects_a_negative_backbone_ratio(capsys, pretrain_epochs):
+    flags = ["--backbone-lr-ratio", "-0.5", "--pretrain-epochs", pretrain_epochs]
+    assert main(["demo", "--quick", "--no-serve", *flags]) == 2
+    assert "--backbone-lr-ratio must be >= 0, got -0.5" in capsys.readouterr().err
